@@ -304,10 +304,10 @@ class ProjectedOptimizer(LitOptimizer):
     # -- shared pieces ---------------------------------------------------------------------------
 
     @staticmethod
-    def adamw_dense(group, params, grads, states, step, ops, lr_scale: float = 1.0) -> None:
+    def adamw_dense(group, params, grads, states, step, ops) -> None:
         """AdamW with state keys ``exp_avg`` / ``exp_avg_sq`` created on demand."""
         beta1, beta2 = group["betas"]
-        lr = group["lr"] * lr_scale
+        lr = group["lr"]
         for p, s in zip(params, states):
             if "exp_avg" not in s:
                 s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)

@@ -144,9 +144,10 @@ REFS = [
     (FRUGAL, ref_frugal, {"projection": "svd", "lr": 0.05, "rank": 2, "update_proj_gap": 2, "weight_decay": 0.1}),
     (FRUGAL, ref_frugal, {"projection": "svd", "lr": 0.05, "rank": 3, "update_proj_gap": 3, "state_free": "sgd",
                           "state_free_lr_scale": 0.3}),
-    (SubsetNormAdam, ref_subset_norm, {"lr": 0.05, "rank": 2, "update_proj_gap": 2, "weight_decay": 0.1}),
-    (SubsetNormAdam, ref_subset_norm, {"lr": 0.05, "rank": 1, "update_proj_gap": 3, "subset_reduction": "sum",
-                                       "betas": (0.8, 1.0)}),
+    (SubsetNormAdam, ref_subset_norm, {"projection": "svd", "lr": 0.05, "rank": 2, "update_proj_gap": 2,
+                                       "weight_decay": 0.1}),
+    (SubsetNormAdam, ref_subset_norm, {"projection": "svd", "lr": 0.05, "rank": 1, "update_proj_gap": 3,
+                                       "subset_reduction": "sum", "betas": (0.8, 1.0)}),
     (DCTLowRank, ref_dct, {"lr": 0.05, "rank": 2, "update_proj_gap": 2}),
     (DCTLowRank, ref_dct, {"lr": 0.05, "rank": 3, "update_proj_gap": 2, "on_refresh": "reset", "dct_norm": 2}),
     (DCTLowRank, ref_dct, {"lr": 0.05, "rank": 3, "update_proj_gap": 3, "on_refresh": "keep"}),
@@ -244,7 +245,8 @@ def test_non_contiguous_conv_kernel_matches_contiguous():
     torch.manual_seed(0)
     base = torch.randn(3, 4, 2, 5, dtype=F64)
     grads = [torch.randn(3, 4, 2, 5, dtype=F64) for _ in range(3)]
-    for cls, kw in [(FRUGAL, {"projection": "svd"}), (SubsetNormAdam, {}), (DCTLowRank, {"update_proj_gap": 2})]:
+    for cls, kw in [(FRUGAL, {"projection": "svd"}), (SubsetNormAdam, {"projection": "svd"}), (SubsetNormAdam, {}),
+                    (DCTLowRank, {"update_proj_gap": 2})]:
         a = nn.Parameter(base.clone())
         storage = base.permute(0, 2, 1, 3).contiguous()
         b = nn.Parameter(storage.permute(0, 2, 1, 3))  # same values, non-contiguous
@@ -268,8 +270,8 @@ def test_state_bytes_are_those_of_the_low_rank_method(shape):
     cases = [
         (FRUGAL, {}, 2 * r * big * 4 + r * 8),  # m, v in the subspace + int64 indices
         (FRUGAL, {"projection": "svd"}, 2 * r * big * 4 + 64 * r * 4),  # + the (d, r) basis
-        (SubsetNormAdam, {}, r * big * 4 + big * 4 + 64 * r * 4),  # momentum + one entry per subset + basis
-        (SubsetNormAdam, {"projection": "topk"}, r * big * 4 + big * 4 + r * 8),
+        (SubsetNormAdam, {}, r * big * 4 + big * 4 + r * 8),  # momentum + one entry per subset + indices
+        (SubsetNormAdam, {"projection": "svd"}, r * big * 4 + big * 4 + 64 * r * 4),  # + the (d, r) basis
         (DCTLowRank, {}, 2 * r * big * 4 + r * 8),
     ]
     adam = 2 * m * n * 4

@@ -89,7 +89,7 @@ def ref_frugal(p, grads, kw):
 
 def ref_subset_norm(p, grads, kw):
     """AdamSNSM: per-column (m <= n) or per-row (m > n) second moment, SVD subspace momentum."""
-    assert kw.get("projection", "svd") == "svd"
+    assert kw["projection"] == "svd"
     lr, (b1, b2), eps, wd = kw.get("lr", 1e-3), kw.get("betas", (0.9, 0.999)), kw.get("eps", 1e-8), kw.get("weight_decay", 0.0)
     T, red = kw.get("update_proj_gap", 200), kw.get("subset_reduction", "mean")
     m_, n_ = p.shape
@@ -182,7 +182,7 @@ SPECS = [
         lit_optim.SubsetNormAdam,
         inputs=[
             {},
-            {"projection": "topk", "weight_decay": 0.1, "update_proj_gap": 2},
+            {"projection": "svd", "weight_decay": 0.1, "update_proj_gap": 2},
             {"projection": "randk", "subset_reduction": "sum", "update_proj_gap": 3},
             {"subspace_momentum": False, "betas": (0.9, 1.0)},
             {"projection": "random", "reset_momentum": False, "update_proj_gap": 2, "rank": 2},
@@ -196,7 +196,7 @@ SPECS = [
             ErrorInput({"subset_reduction": "max"}, ValueError, r"subset_reduction must be one of \['mean', 'sum'\], got 'max'"),
         ],
         reference=ref_subset_norm,
-        reference_kwargs={"lr": 0.05, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2},
+        reference_kwargs={"projection": "svd", "lr": 0.05, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2},
         reference_shape=(5, 3),
     ),
     OptimSpec(
