@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler
 
-from ..functional.continual_metrics import StabilityGapTracker
+from ..functional.continual_metrics import StabilityGapReport, StabilityGapTracker
 
 __all__ = ["StabilityGapEvaluator"]
 
@@ -38,7 +38,7 @@ def _is_sharded(module: torch.nn.Module) -> bool:
     return any(type(p).__name__ == "DTensor" for p in module.parameters())
 
 
-class StabilityGapEvaluator(Callback):
+class StabilityGapEvaluator(StabilityGapReport, Callback):
     r"""Evaluate earlier (and current) tasks every ``every_n_steps`` optimizer steps during a
     task sequence, and report the stability gap.
 
@@ -336,73 +336,9 @@ class StabilityGapEvaluator(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)  # rank-zero-only in Lightning's loggers
 
-    # ------------------------------------------------------------------ reporting
-    def summary(self) -> dict[str, Any]:
-        """min-ACC, WC-ACC, avg-ACC, WF^w, per-task minima and one row per gap (see the tracker)."""
-        out = self.tracker.summary()
-        out["eval_seconds_mean"] = sum(self.eval_seconds) / len(self.eval_seconds) if self.eval_seconds else None
-        out["evaluations"] = len(self.eval_seconds)
-        return out
-
-    def table(self) -> str:
-        return self.tracker.table()
-
-    def plot(self, path: str | os.PathLike) -> str:
-        """Write a PNG: accuracy of each task over iterations, task boundaries as dashed lines,
-        each earlier task's minimum after it was learned as a dotted line. Returns the path."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        path = os.fspath(path)
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for task in self.tracker.evaluated_tasks():
-            steps, accs = self.tracker.history(task)
-            color = colors[task % len(colors)]
-            ax.plot(steps, accs, label=f"task {task}", color=color, lw=1.4)
-            low = self.tracker.task_min_acc(task)
-            end = self.tracker.task_end(task)
-            if low is not None and end is not None:
-                ax.hlines(low, end, steps[-1], colors=color, linestyles="dotted", lw=1)
-        for task, start in self.tracker.task_starts[1:]:
-            ax.axvline(start, color="grey", ls="--", lw=0.8)
-            ax.text(start, 1.01, f"T{task}", transform=ax.get_xaxis_transform(), ha="center", fontsize=8)
-        ax.set_xlabel("iteration (optimizer steps)")
-        ax.set_ylabel("accuracy")
-        wc = self.tracker.wc_acc()
-        mn = self.tracker.min_acc()
-        title = "continual evaluation"
-        if mn is not None:
-            title += f" -- min-ACC {mn:.3f}"
-        if wc is not None:
-            title += f", WC-ACC {wc:.3f}"
-        ax.set_title(title, pad=16)
-        ax.set_ylim(-0.02, 1.05)
-        ax.legend(loc="lower left", fontsize=8, ncol=2)
-        fig.tight_layout()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
-
-    # ------------------------------------------------------------------ checkpointing
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "tracker": self.tracker.state_dict(),
-            "iteration": self.iteration,
-            "fit_count": self._fit_count,
-            "last_eval": self._last_eval,
-            "provisional": self._provisional,
-            "eval_seconds": list(self.eval_seconds),
-        }
+    # ------------------------------------------------------------------ reporting, checkpointing
+    # summary(), table(), plot(path) and state_dict() come from StabilityGapReport
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.tracker.load_state_dict(state_dict["tracker"])
-        self.iteration = int(state_dict["iteration"])
-        self._fit_count = int(state_dict["fit_count"])
-        self._last_eval = state_dict["last_eval"]
-        self._provisional = state_dict.get("provisional")
-        self.eval_seconds = list(state_dict.get("eval_seconds", []))
+        super().load_state_dict(state_dict)
         self._restored = True

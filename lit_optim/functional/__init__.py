@@ -1,25 +1,8 @@
 """Pure maths shared by the optimizers and callbacks: no state, no Trainer."""
 
-from .hutchinson import (
-    DoubleBackwardError,
-    differentiable_grads,
-    hessian_vector_product,
-    probe_like,
-    probe_seed,
-    sample_labels,
-)
+from .averaging import MultiEMA, average_state_dicts, check_shared_init, init_fingerprint, weight_similarity
+from .continual_metrics import StabilityGapTracker
 from .dct import dct_basis, dct_indices
-from .lowrank import project, project_back, random_basis, random_indices, svd_basis, topk_indices
-from .subset import subset_sq
-from .newton_schulz import (
-    NS_PRESETS,
-    fit_coefficient_schedule,
-    newton_schulz,
-    orthogonalize,
-    polar_factor,
-    root_coefficients,
-)
-from .normalize import cosh_rms_normalize, multi_normalize, sinkhorn_normalize
 from .grad_stats import (
     BatchSizeController,
     GradSampleAccumulator,
@@ -37,8 +20,25 @@ from .grad_stats import (
     per_example_grads,
     run_sampling_test,
 )
-from .averaging import MultiEMA, average_state_dicts, check_shared_init, init_fingerprint, weight_similarity
-from .continual_metrics import StabilityGapTracker
+from .hutchinson import (
+    DoubleBackwardError,
+    differentiable_grads,
+    hessian_vector_product,
+    probe_like,
+    probe_seed,
+    sample_labels,
+)
+from .lowrank import project, project_back, random_basis, random_indices, svd_basis, topk_indices
+from .newton_schulz import (
+    NS_PRESETS,
+    fit_coefficient_schedule,
+    newton_schulz,
+    orthogonalize,
+    polar_factor,
+    root_coefficients,
+)
+from .normalize import cosh_rms_normalize, multi_normalize, sinkhorn_normalize
+from .subset import subset_sq
 
 __all__ = [
     # curvature (issue 4): functional/hutchinson.py

@@ -30,10 +30,11 @@ active during step ``t`` (so an evaluation at a boundary step closes the previou
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["StabilityGapTracker"]
+__all__ = ["StabilityGapReport", "StabilityGapTracker"]
 
 
 class StabilityGapTracker:
@@ -311,3 +312,86 @@ class StabilityGapTracker:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.task_starts = [(int(t), int(s)) for t, s in state["task_starts"]]
         self.records = [(int(s), int(k), float(a)) for s, k, a in state["records"]]
+
+
+class StabilityGapReport:
+    """Reporting and checkpoint state shared by the continual-evaluation callbacks (Lightning's
+    :class:`~lit_optim.callbacks.StabilityGapEvaluator` and the HF twin): both keep a
+    :class:`StabilityGapTracker` in ``self.tracker`` and the evaluation bookkeeping below."""
+
+    tracker: StabilityGapTracker
+    iteration: int
+    eval_seconds: list[float]
+    _fit_count: int
+    _last_eval: Any
+    _provisional: Any
+
+    def summary(self) -> dict[str, Any]:
+        """min-ACC, WC-ACC, avg-ACC, WF^w, per-task minima and one row per gap (see the tracker),
+        with the number of evaluations and their mean duration."""
+        out = self.tracker.summary()
+        out["eval_seconds_mean"] = sum(self.eval_seconds) / len(self.eval_seconds) if self.eval_seconds else None
+        out["evaluations"] = len(self.eval_seconds)
+        return out
+
+    def table(self) -> str:
+        """Markdown table of the per-switch gaps (see :meth:`StabilityGapTracker.table`)."""
+        return self.tracker.table()
+
+    def plot(self, path: str | os.PathLike) -> str:
+        """Write a PNG: accuracy of each task over iterations, task boundaries as dashed lines,
+        each earlier task's minimum after it was learned as a dotted line. Returns the path."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        path = os.fspath(path)
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for task in self.tracker.evaluated_tasks():
+            steps, accs = self.tracker.history(task)
+            color = colors[task % len(colors)]
+            ax.plot(steps, accs, label=f"task {task}", color=color, lw=1.4)
+            low = self.tracker.task_min_acc(task)
+            end = self.tracker.task_end(task)
+            if low is not None and end is not None:
+                ax.hlines(low, end, steps[-1], colors=color, linestyles="dotted", lw=1)
+        for task, start in self.tracker.task_starts[1:]:
+            ax.axvline(start, color="grey", ls="--", lw=0.8)
+            ax.text(start, 1.01, f"T{task}", transform=ax.get_xaxis_transform(), ha="center", fontsize=8)
+        ax.set_xlabel("iteration (optimizer steps)")
+        ax.set_ylabel("accuracy")
+        wc = self.tracker.wc_acc()
+        mn = self.tracker.min_acc()
+        title = "continual evaluation"
+        if mn is not None:
+            title += f" -- min-ACC {mn:.3f}"
+        if wc is not None:
+            title += f", WC-ACC {wc:.3f}"
+        ax.set_title(title, pad=16)
+        ax.set_ylim(-0.02, 1.05)
+        ax.legend(loc="lower left", fontsize=8, ncol=2)
+        fig.tight_layout()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "tracker": self.tracker.state_dict(),
+            "iteration": self.iteration,
+            "fit_count": self._fit_count,
+            "last_eval": self._last_eval,
+            "provisional": self._provisional,
+            "eval_seconds": list(self.eval_seconds),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tracker.load_state_dict(state_dict["tracker"])
+        self.iteration = int(state_dict["iteration"])
+        self._fit_count = int(state_dict["fit_count"])
+        self._last_eval = state_dict["last_eval"]
+        self._provisional = state_dict.get("provisional")
+        self.eval_seconds = list(state_dict.get("eval_seconds", []))

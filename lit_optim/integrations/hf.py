@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..functional.continual_metrics import StabilityGapReport
 from ..registry import OptimizerInfo, get_optimizer_info
 from . import peft as _peft
 
@@ -1192,7 +1193,7 @@ def _hf_forward(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, 
     return logits, labels
 
 
-class StabilityGapCallback(LitCallback):
+class StabilityGapCallback(StabilityGapReport, LitCallback):
     r"""HF twin of :class:`lit_optim.callbacks.StabilityGapEvaluator`: continual evaluation of a
     task sequence every ``every_n_steps`` optimizer steps and the stability-gap metrics (De Lange,
     van de Ven & Tuytelaars, *Continual evaluation for lifelong learning: Identifying the stability
@@ -1453,56 +1454,7 @@ class StabilityGapCallback(LitCallback):
             state.log_history.append({**metrics, "step": state.global_step, "iteration": self.iteration})
         self._pending.update(metrics)
 
-    # -- reporting -----------------------------------------------------------------------------
-    def summary(self) -> dict[str, Any]:
-        out = self.tracker.summary()
-        out["evaluations"] = len(self.eval_seconds)
-        out["eval_seconds_mean"] = sum(self.eval_seconds) / len(self.eval_seconds) if self.eval_seconds else None
-        return out
-
-    def table(self) -> str:
-        return self.tracker.table()
-
-    def plot(self, path: str | os.PathLike) -> str:
-        """PNG of each task's metric over iterations with the task boundaries (matplotlib)."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        path = os.fspath(path)
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for task in self.tracker.evaluated_tasks():
-            steps, accs = self.tracker.history(task)
-            ax.plot(steps, accs, label=f"task {task}", lw=1.4)
-        for task, start in self.tracker.task_starts[1:]:
-            ax.axvline(start, color="grey", ls="--", lw=0.8)
-        ax.set_xlabel("iteration (optimizer steps)")
-        ax.set_ylabel("metric")
-        ax.legend(loc="lower left", fontsize=8)
-        fig.tight_layout()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "tracker": self.tracker.state_dict(),
-            "iteration": self.iteration,
-            "fit_count": self._fit_count,
-            "last_eval": self._last_eval,
-            "provisional": self._provisional,
-            "eval_seconds": list(self.eval_seconds),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.tracker.load_state_dict(state["tracker"])
-        self.iteration = int(state["iteration"])
-        self._fit_count = int(state["fit_count"])
-        self._last_eval = state["last_eval"]
-        self._provisional = state.get("provisional")
-        self.eval_seconds = list(state.get("eval_seconds", []))
+    # summary(), table(), plot(path), state_dict() and load_state_dict() come from StabilityGapReport
 
 
 # ----------------------------------------------------------------------------- trainers

@@ -1,11 +1,14 @@
 """lit_optim optimizers: ``torch.optim.Optimizer`` subclasses with the papers' update rules."""
 
 from ._base import LitOptimizer, NonFiniteGradientError, TensorListOps, optimizer_state_bytes
+from ._lowrank import lowrank_groups
 from .adabelief import AdaBelief
 from .adabound import AdaBound
+from .adago import AdaGO
 from .adagrad import AdaGrad, AdaGradNorm
 from .adahessian import AdaHessian
 from .adan import Adan
+from .auon import AuON, HybridAuON
 from .dct_lowrank import DCTLowRank
 from .diffgrad import DiffGrad
 from .exadam import EXAdam
@@ -13,13 +16,10 @@ from .frugal import FRUGAL
 from .lion import Lion
 from .muon import Muon
 from .normuon import NorMuon
-from .auon import AuON, HybridAuON
 from .root import ROOT
-from .adago import AdaGO
 from .sinkgd import SinkGD
 from .sophia import Sophia
 from .subset_norm import SubsetNormAdam
-from ._lowrank import lowrank_groups
 
 __all__ = [
     "LitOptimizer",

@@ -167,6 +167,29 @@ def _greedy_assign(costs: Sequence[float], world: int) -> list[int]:
     return owner
 
 
+#: keyword arguments every orthogonalized optimizer takes and hands unchanged to OrthogonalOptimizer
+SHARED_KWARGS = (
+    "adam_lr",
+    "adam_betas",
+    "adam_eps",
+    "adam_weight_decay",
+    "adjust_lr",
+    "layerwise_noise_adaptive",
+    "noise_beta",
+    "noise_clip",
+    "distributed",
+    "maximize",
+    "foreach",
+    "nonfinite",
+)
+
+
+def shared_kwargs(namespace: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`SHARED_KWARGS` out of a subclass constructor's ``locals()`` (each subclass keeps the
+    explicit signature, for documentation, introspection and LightningCLI, and forwards them)."""
+    return {k: namespace[k] for k in SHARED_KWARGS}
+
+
 class OrthogonalOptimizer(LitOptimizer):
     """Base class: whole-model handling, batching, distribution and noise adaptivity.
 

@@ -13,6 +13,7 @@ from ._orthogonal import (
     _state_dtype,
     momentum_defaults,
     ns_group_defaults,
+    shared_kwargs,
     with_common_args_doc,
 )
 
@@ -103,22 +104,7 @@ class AdaGO(OrthogonalOptimizer):
             **momentum_defaults(momentum, nesterov),
             **ns_group_defaults(ns_steps, ns_coefficients, ns_eps, ns_dtype, ns_method),
         )
-        super().__init__(
-            params,
-            defaults,
-            adam_lr=adam_lr,
-            adam_betas=adam_betas,
-            adam_eps=adam_eps,
-            adam_weight_decay=adam_weight_decay,
-            adjust_lr=adjust_lr,
-            layerwise_noise_adaptive=layerwise_noise_adaptive,
-            noise_beta=noise_beta,
-            noise_clip=noise_clip,
-            distributed=distributed,
-            maximize=maximize,
-            foreach=foreach,
-            nonfinite=nonfinite,
-        )
+        super().__init__(params, defaults, **shared_kwargs(locals()))
 
     def _init_matrix_state(self, p, state, group):
         super()._init_matrix_state(p, state, group)

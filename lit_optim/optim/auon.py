@@ -9,7 +9,7 @@ import torch
 from ..functional.normalize import cosh_rms_normalize
 from ..registry import register_optimizer
 from ._base import check_non_negative, check_positive
-from ._orthogonal import OrthogonalOptimizer, momentum_defaults, ns_group_defaults, with_common_args_doc
+from ._orthogonal import OrthogonalOptimizer, momentum_defaults, ns_group_defaults, shared_kwargs, with_common_args_doc
 
 __all__ = ["AuON", "HybridAuON"]
 
@@ -107,22 +107,7 @@ class AuON(OrthogonalOptimizer):
         nonfinite: str = "raise",
     ):
         defaults = _auon_defaults(lr, momentum, nesterov, weight_decay, gamma, eps)
-        super().__init__(
-            params,
-            defaults,
-            adam_lr=adam_lr,
-            adam_betas=adam_betas,
-            adam_eps=adam_eps,
-            adam_weight_decay=adam_weight_decay,
-            adjust_lr=adjust_lr,
-            layerwise_noise_adaptive=layerwise_noise_adaptive,
-            noise_beta=noise_beta,
-            noise_clip=noise_clip,
-            distributed=distributed,
-            maximize=maximize,
-            foreach=foreach,
-            nonfinite=nonfinite,
-        )
+        super().__init__(params, defaults, **shared_kwargs(locals()))
 
     def _transform(self, group, mats, foreach, extra=None):
         return _cosh_dirs(mats, group["gamma"], group["eps"]), []

@@ -6,7 +6,7 @@ from typing import Any
 
 from ..registry import register_optimizer
 from ._base import check_non_negative
-from ._orthogonal import OrthogonalOptimizer, momentum_defaults, ns_group_defaults, with_common_args_doc
+from ._orthogonal import OrthogonalOptimizer, momentum_defaults, ns_group_defaults, shared_kwargs, with_common_args_doc
 
 __all__ = ["Muon"]
 
@@ -95,19 +95,4 @@ class Muon(OrthogonalOptimizer):
             **momentum_defaults(momentum, nesterov),
             **ns_group_defaults(ns_steps, ns_coefficients, ns_eps, ns_dtype, ns_method),
         )
-        super().__init__(
-            params,
-            defaults,
-            adam_lr=adam_lr,
-            adam_betas=adam_betas,
-            adam_eps=adam_eps,
-            adam_weight_decay=adam_weight_decay,
-            adjust_lr=adjust_lr,
-            layerwise_noise_adaptive=layerwise_noise_adaptive,
-            noise_beta=noise_beta,
-            noise_clip=noise_clip,
-            distributed=distributed,
-            maximize=maximize,
-            foreach=foreach,
-            nonfinite=nonfinite,
-        )
+        super().__init__(params, defaults, **shared_kwargs(locals()))

@@ -9,7 +9,7 @@ import torch
 
 from ..registry import register_optimizer
 from ._base import check_in_range, check_non_negative
-from ._orthogonal import OrthogonalOptimizer, momentum_defaults, ns_group_defaults, with_common_args_doc
+from ._orthogonal import OrthogonalOptimizer, momentum_defaults, ns_group_defaults, shared_kwargs, with_common_args_doc
 
 __all__ = ["ROOT", "soft_threshold_clip"]
 
@@ -129,22 +129,7 @@ class ROOT(OrthogonalOptimizer):
         )
         if fit:
             defaults["ns_coefficients"] = "fit"
-        super().__init__(
-            params,
-            defaults,
-            adam_lr=adam_lr,
-            adam_betas=adam_betas,
-            adam_eps=adam_eps,
-            adam_weight_decay=adam_weight_decay,
-            adjust_lr=adjust_lr,
-            layerwise_noise_adaptive=layerwise_noise_adaptive,
-            noise_beta=noise_beta,
-            noise_clip=noise_clip,
-            distributed=distributed,
-            maximize=maximize,
-            foreach=foreach,
-            nonfinite=nonfinite,
-        )
+        super().__init__(params, defaults, **shared_kwargs(locals()))
 
     def _ns_settings(self, group):
         settings = super()._ns_settings(group)

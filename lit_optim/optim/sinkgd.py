@@ -7,7 +7,7 @@ import torch
 from ..functional.normalize import MULTI_NORMS, multi_normalize
 from ..registry import register_optimizer
 from ._base import check_non_negative, check_positive_int
-from ._orthogonal import OrthogonalOptimizer, with_common_args_doc
+from ._orthogonal import OrthogonalOptimizer, shared_kwargs, with_common_args_doc
 
 __all__ = ["SinkGD"]
 
@@ -93,22 +93,7 @@ class SinkGD(OrthogonalOptimizer):
             "weight_decay": check_non_negative("weight_decay", weight_decay),
             "eps": check_non_negative("eps", eps),
         }
-        super().__init__(
-            params,
-            defaults,
-            adam_lr=adam_lr,
-            adam_betas=adam_betas,
-            adam_eps=adam_eps,
-            adam_weight_decay=adam_weight_decay,
-            adjust_lr=adjust_lr,
-            layerwise_noise_adaptive=layerwise_noise_adaptive,
-            noise_beta=noise_beta,
-            noise_clip=noise_clip,
-            distributed=distributed,
-            maximize=maximize,
-            foreach=foreach,
-            nonfinite=nonfinite,
-        )
+        super().__init__(params, defaults, **shared_kwargs(locals()))
 
     def _init_matrix_state(self, p, state, group):
         pass
