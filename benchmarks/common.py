@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
 import torch
+
+
+def steady_malloc() -> bool:
+    """Make glibc keep freed memory instead of returning it to the kernel (no trimming, 512 MiB top
+    pad, fixed 32 MiB mmap threshold). Without it, whether a step's large temporaries (torch
+    AdamW(foreach) allocates one per parameter) come back as fresh pages, and pay page faults,
+    depends on what ran before: AdamW(foreach) measured anywhere from 37 to 71 ms in successive
+    rows of one run. Same as ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_TOP_PAD_`` /
+    ``MALLOC_MMAP_THRESHOLD_``; ``LIT_OPTIM_BENCH_DEFAULT_MALLOC=1`` turns it off. Returns
+    whether it was applied (glibc Linux only)."""
+    if not sys.platform.startswith("linux") or os.environ.get("LIT_OPTIM_BENCH_DEFAULT_MALLOC") == "1":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    ok = libc.mallopt(m_trim_threshold, 2**31 - 1)
+    ok &= libc.mallopt(m_top_pad, 512 << 20)
+    ok &= libc.mallopt(m_mmap_threshold, 32 << 20)
+    return bool(ok)
 
 
 def gpt_shapes(vocab: int = 8192, d: int = 512, layers: int = 8, mlp: int = 4) -> list[tuple[int, ...]]:

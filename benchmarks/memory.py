@@ -52,7 +52,7 @@ import torch
 import lit_optim
 from lit_optim.optim import lowrank_groups, optimizer_state_bytes
 
-from .common import gpt_shapes, numel, time_interleaved
+from .common import gpt_shapes, numel, steady_malloc, time_interleaved
 
 RANK = 128  # d/4 for d = 512
 GAP = 200
@@ -183,6 +183,7 @@ def _params(shapes, seed=0):
 
 
 def section_state(labels: list[str], reps: int) -> list[dict[str, Any]]:
+    steady_malloc()  # step timing only: the peak-memory section runs in fresh processes
     shapes = gpt_shapes()
     n = numel(shapes)
     print(f"# state/step time: {n / 1e6:.1f}M parameters in {len(shapes)} tensors, rank {RANK}, "

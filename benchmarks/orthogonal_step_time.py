@@ -31,7 +31,7 @@ import torch.distributed as dist
 import lit_optim
 from lit_optim.optim import optimizer_state_bytes
 
-from .common import gpt_shapes, make_params, numel, time_interleaved
+from .common import gpt_shapes, make_params, numel, steady_malloc, time_interleaved
 
 
 def split(params):
@@ -251,6 +251,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ranks", type=int, default=0, help="measure the DDP speed-up with this many CPU processes")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args(argv)
+    steady_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.ranks > 1:

@@ -19,7 +19,7 @@ import torch
 
 import lit_optim
 
-from .common import gpt_shapes, make_params, numel, time_interleaved
+from .common import gpt_shapes, make_params, numel, steady_malloc, time_interleaved
 
 # lit_optim name -> (pytorch_optimizer class name, kwargs)
 PEERS = {
@@ -35,6 +35,18 @@ PEERS = {
 # use_muon parameter groups those classes require.
 
 SKIP_BY_DEFAULT = {"adam", "adamw", "sgd"}
+
+
+def _default_names() -> list[str]:
+    """Every registered optimizer but the torch baselines and the families another benchmark
+    covers: orthogonalized / normalized (orthogonal_step_time.py), memory-reduced (memory.py)."""
+    out = []
+    for n in lit_optim.available_optimizers():
+        family = lit_optim.get_optimizer_info(n).family
+        if n in SKIP_BY_DEFAULT or family.startswith(("orthogonalized", "normalized", "memory-reduced")):
+            continue
+        out.append(n)
+    return out
 
 
 def _peer(name, params):
@@ -56,20 +68,20 @@ def _peer(name, params):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="", help="comma-separated optimizer names (default: all registered)")
+    ap.add_argument("--only", default="", help="comma-separated optimizer names (default: all registered but the "
+                    "orthogonalized and memory-reduced families, which have their own benchmarks)")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--no-peers", action="store_true")
     args = ap.parse_args(argv)
+    malloc = steady_malloc()
     dtype = getattr(torch, args.dtype)
     shapes = gpt_shapes(layers=args.layers)
-    names = [n for n in args.only.split(",") if n] or [
-        n for n in lit_optim.available_optimizers() if n not in SKIP_BY_DEFAULT
-    ]
+    names = [n for n in args.only.split(",") if n] or _default_names()
     print(f"# {numel(shapes) / 1e6:.1f}M parameters in {len(shapes)} tensors, {args.dtype}, device={args.device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, steady malloc: {malloc}")
     base_params = make_params(shapes, dtype=dtype, device=args.device)
     base = torch.optim.AdamW(base_params, lr=1e-3, foreach=True)
     steps = {"adamw(foreach)": base.step}
@@ -95,7 +107,8 @@ def main(argv=None) -> int:
             print(f"{name:<28} could not be built on plain tensors: {e}")
             continue
         if info.curvature is not None and hasattr(opt, "update_hessian"):
-            opt.update_hessian([p.grad.abs() for p in ps])
+            # one estimate per parameter, in the optimizer's own order (its groups reorder them)
+            opt.update_hessian([p.grad.abs() for g in opt.param_groups for p in g["params"]])
         steps = {"adamw(foreach)": base.step, name: opt.step}
         peer = None
         if not args.no_peers:

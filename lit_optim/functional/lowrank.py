@@ -107,7 +107,14 @@ def add_back_(out: Tensor, x: Tensor, basis: Tensor, side: str, alpha: float = 1
     """``out += alpha * back(x)`` in place for an ``(m, n)`` contiguous ``out``; an index basis
     touches only the selected rows/columns (no full-size temporary)."""
     if basis.dtype == torch.int64:
-        out.index_add_(0 if side == "left" else 1, basis, x, alpha=alpha)
+        if side == "left":
+            out.index_add_(0, basis, x, alpha=alpha)
+        else:
+            # index_add_ along the strided dimension is 5-10x slower on a CPU than gathering the
+            # columns, adding and scattering them back (the indices are distinct)
+            cols = out.index_select(1, basis)
+            cols.add_(x, alpha=alpha)
+            out.index_copy_(1, basis, cols)
         return out
     if side == "left":
         return out.addmm_(basis, x, alpha=alpha)

@@ -194,6 +194,13 @@ def group_by_key(n: int, key: Callable[[int], Any]) -> dict[Any, list[int]]:
 # ----------------------------------------------------------------------------- base optimizer
 
 
+#: block size of the cache-blocked multi-tensor path: 2**19 elements (2 MiB per float32 tensor, so
+#: a block's parameter, gradient and states stay in the last-level cache); on the 2-core
+#: development CPU 2**19 stepped 10-25% faster than 2**17 for every elementwise optimizer (fewer
+#: Python-level dispatches) and as fast as or faster than 2**18 and 2**20
+ELEMENTWISE_BLOCK_NUMEL = 1 << 19
+
+
 class LitOptimizer(torch.optim.Optimizer):
     """Base class of the lit_optim optimizers.
 
@@ -217,7 +224,8 @@ class LitOptimizer(torch.optim.Optimizer):
     #: True when the update of each element depends only on that element (Adam-like); the
     #: multi-tensor path then runs the update block by block over cache-sized slices.
     elementwise: bool = False
-    #: elements per block for elementwise optimizers on the multi-tensor path (0: no blocking)
+    #: elements per block for elementwise optimizers on the multi-tensor path (0: no blocking);
+    #: elementwise subclasses use :data:`ELEMENTWISE_BLOCK_NUMEL`
     block_numel: int = 0
     #: gradients of complex parameters are refused unless a subclass supports them
     supports_complex: bool = False

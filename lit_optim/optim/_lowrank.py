@@ -186,6 +186,8 @@ class ProjectedOptimizer(LitOptimizer):
             if b.dtype in (torch.int64, torch.int32):
                 if b.shape != (it.r,):
                     raise ValueError(f"projection callable returned indices of shape {tuple(b.shape)}, expected ({it.r},)")
+                if b.unique().numel() != it.r or int(b.min()) < 0 or int(b.max()) >= d:
+                    raise ValueError(f"projection callable must return {it.r} distinct indices in [0, {d}), got {b.tolist()}")
                 st["indices"] = b.to(device=it.g.device, dtype=torch.int64)
             elif b.is_floating_point():
                 if b.shape != (d, it.r):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from ..registry import register_optimizer
-from ._base import LitOptimizer, apply_weight_decay, check_betas, check_lr, check_non_negative
+from ._base import ELEMENTWISE_BLOCK_NUMEL, LitOptimizer, apply_weight_decay, check_betas, check_lr, check_non_negative
 
 __all__ = ["AdaBelief"]
 
@@ -52,7 +52,7 @@ class AdaBelief(LitOptimizer):
     """
 
     elementwise = True
-    block_numel = 1 << 17
+    block_numel = ELEMENTWISE_BLOCK_NUMEL
 
     def __init__(
         self,

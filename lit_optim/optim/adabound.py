@@ -5,7 +5,15 @@ from __future__ import annotations
 import math
 
 from ..registry import register_optimizer
-from ._base import LitOptimizer, apply_weight_decay, check_betas, check_lr, check_non_negative, check_positive
+from ._base import (
+    ELEMENTWISE_BLOCK_NUMEL,
+    LitOptimizer,
+    apply_weight_decay,
+    check_betas,
+    check_lr,
+    check_non_negative,
+    check_positive,
+)
 
 __all__ = ["AdaBound"]
 
@@ -48,7 +56,7 @@ class AdaBound(LitOptimizer):
     """
 
     elementwise = True
-    block_numel = 1 << 17
+    block_numel = ELEMENTWISE_BLOCK_NUMEL
 
     def __init__(
         self,

@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..registry import register_optimizer
-from ._base import LitOptimizer, apply_weight_decay, check_lr, check_non_negative
+from ._base import ELEMENTWISE_BLOCK_NUMEL, LitOptimizer, apply_weight_decay, check_lr, check_non_negative
 
 __all__ = ["AdaGrad", "AdaGradNorm"]
 
@@ -43,7 +43,7 @@ class AdaGrad(LitOptimizer):
 
     state_keys = ("sum",)
     elementwise = True
-    block_numel = 1 << 17
+    block_numel = ELEMENTWISE_BLOCK_NUMEL
 
     def __init__(
         self,

@@ -7,7 +7,15 @@ import math
 from ..curvature.averaging import block_average
 from ..curvature.consumer import HessianConsumer
 from ..registry import register_optimizer
-from ._base import apply_weight_decay, check_betas, check_in_range, check_lr, check_non_negative, check_positive_int
+from ._base import (
+    ELEMENTWISE_BLOCK_NUMEL,
+    apply_weight_decay,
+    check_betas,
+    check_in_range,
+    check_lr,
+    check_non_negative,
+    check_positive_int,
+)
 
 __all__ = ["AdaHessian"]
 
@@ -74,7 +82,7 @@ class AdaHessian(HessianConsumer):
     hessian_estimator = "hutchinson"
     state_keys = ("exp_avg", "exp_hessian_diag_sq")
     elementwise = True
-    block_numel = 1 << 17
+    block_numel = ELEMENTWISE_BLOCK_NUMEL
 
     def __init__(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from ..registry import register_optimizer
-from ._base import LitOptimizer, check_betas, check_lr, check_non_negative
+from ._base import ELEMENTWISE_BLOCK_NUMEL, LitOptimizer, check_betas, check_lr, check_non_negative
 
 __all__ = ["Adan"]
 
@@ -51,7 +51,7 @@ class Adan(LitOptimizer):
 
     state_keys = ("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
     elementwise = True
-    block_numel = 1 << 17
+    block_numel = ELEMENTWISE_BLOCK_NUMEL
 
     def __init__(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from ..registry import register_optimizer
-from ._base import LitOptimizer, apply_weight_decay, check_betas, check_lr, check_non_negative
+from ._base import ELEMENTWISE_BLOCK_NUMEL, LitOptimizer, apply_weight_decay, check_betas, check_lr, check_non_negative
 
 __all__ = ["DiffGrad"]
 
@@ -45,7 +45,7 @@ class DiffGrad(LitOptimizer):
 
     state_keys = ("exp_avg", "exp_avg_sq", "prev_grad")
     elementwise = True
-    block_numel = 1 << 17
+    block_numel = ELEMENTWISE_BLOCK_NUMEL
 
     def __init__(
         self,

@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..registry import register_optimizer
-from ._base import LitOptimizer, check_betas, check_lr, check_non_negative
+from ._base import ELEMENTWISE_BLOCK_NUMEL, LitOptimizer, check_betas, check_lr, check_non_negative
 
 __all__ = ["EXAdam"]
 
@@ -47,7 +47,7 @@ class EXAdam(LitOptimizer):
 
     state_keys = ("exp_avg", "exp_avg_sq")
     elementwise = True
-    block_numel = 1 << 17
+    block_numel = ELEMENTWISE_BLOCK_NUMEL
 
     def __init__(
         self,

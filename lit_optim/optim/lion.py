@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..registry import register_optimizer
-from ._base import LitOptimizer, check_betas, check_lr, check_non_negative
+from ._base import ELEMENTWISE_BLOCK_NUMEL, LitOptimizer, check_betas, check_lr, check_non_negative
 
 __all__ = ["Lion"]
 
@@ -41,7 +41,7 @@ class Lion(LitOptimizer):
 
     state_keys = ("exp_avg",)
     elementwise = True
-    block_numel = 1 << 17
+    block_numel = ELEMENTWISE_BLOCK_NUMEL
 
     def __init__(
         self,

@@ -6,7 +6,14 @@ import torch
 
 from ..curvature.consumer import HessianConsumer
 from ..registry import register_optimizer
-from ._base import apply_weight_decay, check_betas, check_lr, check_non_negative, check_positive
+from ._base import (
+    ELEMENTWISE_BLOCK_NUMEL,
+    apply_weight_decay,
+    check_betas,
+    check_lr,
+    check_non_negative,
+    check_positive,
+)
 
 __all__ = ["Sophia"]
 
@@ -77,7 +84,7 @@ class Sophia(HessianConsumer):
     hessian_estimator = "gnb"
     state_keys = ("exp_avg", "hessian")
     elementwise = True
-    block_numel = 1 << 17
+    block_numel = ELEMENTWISE_BLOCK_NUMEL
 
     def __init__(
         self,
