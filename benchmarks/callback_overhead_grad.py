@@ -220,6 +220,8 @@ def main(argv=None) -> None:
     ap.add_argument("--width", type=int, default=256, help="hidden width of the MLP (256: 85k parameters)")
     ap.add_argument("--batch-size", type=int, default=32, help="micro-batch size")
     args = ap.parse_args(argv)
+    if args.blocks < 4:
+        ap.error(f"--blocks must be >= 4 (the first two blocks are warm-up), got {args.blocks}")
     warnings.filterwarnings("ignore")
     import logging
 
