@@ -7,7 +7,9 @@ torch.optim.AdamW and, when pytorch_optimizer is installed, its GaLore (SVD proj
     .venv/bin/python -m benchmarks.memory --sections convergence --only "frugal,frugal(svd)" --steps 300
 
 Labels: ``frugal``, ``frugal(svd)``, ``frugal(blockwise)``, ``subset_norm``, ``subset_norm(svd)``,
-``dct_lowrank``, ``dct_lowrank(T=200)``; ``<name>+emb`` keeps the embeddings and head on the full-state AdamW (the papers'
+``dct_lowrank``, ``dct_lowrank(T=200)``, ``dct_lowrank(bf16)``, ``frugal(svd/bf16)``,
+``subset_norm(svd/bf16)`` (projection products in bfloat16, ``proj_dtype``), any label with
+``(T=N)`` appended; ``<name>+emb`` keeps the embeddings and head on the full-state AdamW (the papers'
 split); ``galore[pytorch_optimizer]``, ``adamwsn[pytorch_optimizer]``.
 
 Sections:
@@ -69,6 +71,9 @@ OURS: dict[str, tuple[str, dict[str, Any]]] = {
     "subset_norm+emb": ("subset_norm", {}),
     "dct_lowrank": ("dct_lowrank", {}),
     "dct_lowrank(T=200)": ("dct_lowrank", {"update_proj_gap": 200}),
+    "dct_lowrank(bf16)": ("dct_lowrank", {"proj_dtype": "bfloat16"}),
+    "frugal(svd/bf16)": ("frugal", {"projection": "svd", "proj_dtype": "bfloat16"}),
+    "subset_norm(svd/bf16)": ("subset_norm", {"projection": "svd", "proj_dtype": "bfloat16"}),
     "dct_lowrank+emb": ("dct_lowrank", {}),
 }
 

@@ -65,17 +65,24 @@ def dct_cache_bytes() -> int:
     return sum(q.numel() * q.element_size() for q in _CACHE.values())
 
 
-def dct_indices(g: Tensor, r: int, side: str, norm: int = 1, basis: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def dct_indices(
+    g: Tensor, r: int, side: str, norm: int = 1, basis: Tensor | None = None, dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
     """Select the ``r`` DCT basis vectors most aligned with the ``(m, n)`` gradient matrix ``g``.
 
     Returns ``(indices, projected)``: the sorted ``int64`` indices of the selected basis vectors and
     the projected gradient (``Q[:, idx]^T G`` for ``"left"``, ``G Q[:, idx]`` for ``"right"``),
     read off the alignment product so that the selection step costs a single matrix product.
+    ``dtype``: run that product in this dtype (e.g. ``torch.bfloat16``); the projected gradient is
+    returned in ``g``'s dtype.
     """
     if norm not in (1, 2):
         raise ValueError(f"norm must be 1 or 2, got {norm!r}")
     d = g.shape[0] if side == "left" else g.shape[1]
-    q = basis if basis is not None else dct_basis(d, g.dtype, g.device)
+    out_dtype = g.dtype
+    if dtype is not None and dtype != g.dtype:
+        g = g.to(dtype)
+    q = basis.to(g.dtype) if basis is not None else dct_basis(d, g.dtype, g.device)
     if side == "left":
         s = q.t() @ g
         scores = torch.linalg.vector_norm(s.float(), ord=norm, dim=1)
@@ -84,4 +91,4 @@ def dct_indices(g: Tensor, r: int, side: str, norm: int = 1, basis: Tensor | Non
         scores = torch.linalg.vector_norm(s.float(), ord=norm, dim=0)
     idx = torch.topk(scores, r, sorted=False).indices.sort().values
     proj = s.index_select(0 if side == "left" else 1, idx)
-    return idx, proj
+    return idx, proj.to(out_dtype)

@@ -81,11 +81,15 @@ def lowrank_shape(m: int, n: int, r: int) -> tuple[int, int]:
     return (r, n) if projection_side(m, n) == "left" else (m, r)
 
 
-def project(g: Tensor, basis: Tensor, side: str) -> Tensor:
+def project(g: Tensor, basis: Tensor, side: str, dtype: torch.dtype | None = None) -> Tensor:
     """``P^T G`` (left) or ``G P`` (right) for a dense basis; the selected rows (left) or columns
-    (right) for an index basis. ``g`` is the ``(m, n)`` matrix view; returns a new tensor."""
+    (right) for an index basis. ``g`` is the ``(m, n)`` matrix view; returns a new tensor of
+    ``g``'s dtype. ``dtype``: run the product in this dtype (e.g. ``torch.bfloat16``: 3-4x faster
+    matrix products on CPUs with bf16 units and on GPUs), the result cast back."""
     if basis.dtype == torch.int64:
         return g.index_select(0 if side == "left" else 1, basis)
+    if dtype is not None and dtype != g.dtype:
+        return project(g.to(dtype), basis.to(dtype), side).to(g.dtype)
     if side == "left":
         return basis.t() @ g
     return g @ basis
@@ -103,9 +107,12 @@ def project_back(x: Tensor, basis: Tensor, side: str, m: int, n: int) -> Tensor:
     return x @ basis.t()
 
 
-def add_back_(out: Tensor, x: Tensor, basis: Tensor, side: str, alpha: float = 1.0) -> Tensor:
+def add_back_(
+    out: Tensor, x: Tensor, basis: Tensor, side: str, alpha: float = 1.0, dtype: torch.dtype | None = None
+) -> Tensor:
     """``out += alpha * back(x)`` in place for an ``(m, n)`` contiguous ``out``; an index basis
-    touches only the selected rows/columns (no full-size temporary)."""
+    touches only the selected rows/columns (no full-size temporary). ``dtype``: run the product of
+    a dense basis in this dtype (see :func:`project`) and add the result to ``out``."""
     if basis.dtype == torch.int64:
         if side == "left":
             out.index_add_(0, basis, x, alpha=alpha)
@@ -116,6 +123,9 @@ def add_back_(out: Tensor, x: Tensor, basis: Tensor, side: str, alpha: float = 1
             cols.add_(x, alpha=alpha)
             out.index_copy_(1, basis, cols)
         return out
+    if dtype is not None and dtype != out.dtype:
+        b, xd = basis.to(dtype), x.to(dtype)
+        return out.add_(b @ xd if side == "left" else xd @ b.t(), alpha=alpha)
     if side == "left":
         return out.addmm_(basis, x, alpha=alpha)
     return out.addmm_(x, basis.t(), alpha=alpha)

@@ -39,7 +39,15 @@ from ..functional.lowrank import (
 )
 from ._base import FOREACH_OPS, LOOP_OPS, LitOptimizer, TensorListOps, check_positive_int, group_by_key
 
-__all__ = ["PROJECTIONS", "Item", "ProjectedOptimizer", "check_projection", "check_rank", "lowrank_groups"]
+__all__ = [
+    "PROJECTIONS",
+    "Item",
+    "ProjectedOptimizer",
+    "check_proj_dtype",
+    "check_projection",
+    "check_rank",
+    "lowrank_groups",
+]
 
 #: built-in subspace rules (FRUGAL adds "blockwise")
 PROJECTIONS = ("svd", "random", "randk", "topk", "dct")
@@ -58,6 +66,18 @@ def check_rank(rank: Any) -> int | float:
     if not 0.0 < rank <= 1.0:
         raise ValueError(f"rank must be an int >= 1 or a float in (0, 1], got {rank!r}")
     return float(rank)
+
+
+def check_proj_dtype(proj_dtype: Any) -> str | None:
+    """``None`` or a floating torch dtype (or its name), stored in the group by name (picklable)."""
+    if proj_dtype is None:
+        return None
+    d = getattr(torch, proj_dtype, None) if isinstance(proj_dtype, str) else proj_dtype
+    if not isinstance(d, torch.dtype) or not d.is_floating_point:
+        raise ValueError(
+            f"proj_dtype must be None or a floating torch dtype (e.g. torch.bfloat16 or 'bfloat16'), got {proj_dtype!r}"
+        )
+    return str(d).replace("torch.", "")
 
 
 def check_projection(projection: Any, allowed: tuple[str, ...]) -> str | Callable:
@@ -187,7 +207,9 @@ class ProjectedOptimizer(LitOptimizer):
                 if b.shape != (it.r,):
                     raise ValueError(f"projection callable returned indices of shape {tuple(b.shape)}, expected ({it.r},)")
                 if b.unique().numel() != it.r or int(b.min()) < 0 or int(b.max()) >= d:
-                    raise ValueError(f"projection callable must return {it.r} distinct indices in [0, {d}), got {b.tolist()}")
+                    raise ValueError(
+                        f"projection callable must return {it.r} distinct indices in [0, {d}), got {b.tolist()}"
+                    )
                 st["indices"] = b.to(device=it.g.device, dtype=torch.int64)
             elif b.is_floating_point():
                 if b.shape != (d, it.r):
@@ -206,21 +228,27 @@ class ProjectedOptimizer(LitOptimizer):
         elif rule == "topk":
             st["indices"] = topk_indices(it.g, it.r, it.side)
         elif rule == "dct":
-            idx, low = dct_indices(it.g, it.r, it.side, norm=group.get("dct_norm", 1))
+            idx, low = dct_indices(it.g, it.r, it.side, norm=group.get("dct_norm", 1), dtype=self.mm_dtype(group))
             st["dct_indices"] = idx
         else:  # pragma: no cover - validated in __init__
             raise ValueError(f"unknown projection {rule!r}")
-        it.proj = self._projector(it)
+        it.proj = self._projector(group, it)
         return low
 
-    def _projector(self, it: Item) -> Tensor:
+    @staticmethod
+    def mm_dtype(group: dict[str, Any]) -> torch.dtype | None:
+        """The dtype of the projection products (the group's ``proj_dtype``; None: the gradient's)."""
+        name = group.get("proj_dtype")
+        return getattr(torch, name) if name else None
+
+    def _projector(self, group: dict[str, Any], it: Item) -> Tensor:
         st = it.state
         if "basis" in st:
             return st["basis"]
         if "indices" in st:
             return st["indices"]
         d = it.m if it.side == "left" else it.n
-        return dct_basis(d, it.g.dtype, it.g.device).index_select(1, st["dct_indices"])
+        return dct_basis(d, self.mm_dtype(group) or it.g.dtype, it.g.device).index_select(1, st["dct_indices"])
 
     def _project(self, group: dict[str, Any], it: Item, refresh: bool) -> tuple[Tensor, bool]:
         """Projected gradient of ``it`` (refreshing the subspace when due); the bool says whether
@@ -230,20 +258,21 @@ class ProjectedOptimizer(LitOptimizer):
         if refresh or not has:
             low = self._new_subspace(group, it)
             if low is None:
-                low = project(it.g, it.proj, it.side)
+                low = project(it.g, it.proj, it.side, self.mm_dtype(group))
             return low, True
-        it.proj = self._projector(it)
-        return project(it.g, it.proj, it.side), False
+        it.proj = self._projector(group, it)
+        return project(it.g, it.proj, it.side, self.mm_dtype(group)), False
 
-    @staticmethod
-    def add_to_param(it: Item, x: Tensor, alpha: float) -> None:
-        """``p += alpha * back(x)`` without a full-size temporary when ``p`` is contiguous."""
+    def add_to_param(self, group: dict[str, Any], it: Item, x: Tensor, alpha: float) -> None:
+        """``p += alpha * back(x)`` without a full-size temporary when ``p`` is contiguous (and the
+        products run in the parameter's dtype)."""
         p = it.p
+        dtype = self.mm_dtype(group)
         if p.is_contiguous():
-            add_back_(p.view(it.m, it.n), x, it.proj, it.side, alpha=alpha)
+            add_back_(p.view(it.m, it.n), x, it.proj, it.side, alpha=alpha, dtype=dtype)
         else:
             tmp = x.new_zeros(it.m, it.n)
-            add_back_(tmp, x, it.proj, it.side)
+            add_back_(tmp, x, it.proj, it.side, dtype=dtype)
             p.add_(tmp.view(p.shape), alpha=alpha)
 
     # -- step orchestration ----------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 from ..functional.dct import dct_basis, dct_cache_bytes
 from ..registry import register_optimizer
 from ._base import check_betas, check_choice, check_lr, check_non_negative
-from ._lowrank import Item, ProjectedOptimizer, check_gap, check_rank, lowrank_groups
+from ._lowrank import Item, ProjectedOptimizer, check_gap, check_proj_dtype, check_rank, lowrank_groups
 
 __all__ = ["DCTLowRank"]
 
@@ -73,6 +73,10 @@ class DCTLowRank(ProjectedOptimizer):
             GaLore's SVD to 200; on the comparison task T = 10 reached a much lower loss than 200).
         dct_norm: norm ranking the alignment rows, 1 (default, the authors') or 2.
         on_refresh: ``"rotate"`` (default), ``"keep"`` or ``"reset"``, see above.
+        proj_dtype: dtype of the projection matrix products, or None (default: the parameter's).
+            ``torch.bfloat16`` makes them 3-4x faster on CPUs with bfloat16 units and on GPUs; the
+            moments and the weights stay in the parameter's dtype. No effect on index subspaces
+            (``"randk"``, ``"topk"``, ``"blockwise"``), which need no product.
         maximize, foreach, nonfinite: see :class:`~lit_optim.optim.LitOptimizer`.
     """
 
@@ -88,6 +92,7 @@ class DCTLowRank(ProjectedOptimizer):
         dct_norm: int = 1,
         on_refresh: str = "rotate",
         *,
+        proj_dtype: Any = None,
         maximize: bool = False,
         foreach: bool | None = None,
         nonfinite: str = "raise",
@@ -103,6 +108,7 @@ class DCTLowRank(ProjectedOptimizer):
             on_refresh=check_choice("on_refresh", on_refresh, ("rotate", "keep", "reset")),
             projection="dct",
             seed=0,
+            proj_dtype=check_proj_dtype(proj_dtype),
             project=None,
         )
         super().__init__(params, defaults, maximize=maximize, foreach=foreach, nonfinite=nonfinite)
@@ -148,7 +154,7 @@ class DCTLowRank(ProjectedOptimizer):
             it.scale = scale
 
     def _phase_c(self, group, it: Item, step: int) -> None:
-        self.add_to_param(it, it.low, -group["lr"] * it.scale)
+        self.add_to_param(group, it, it.low, -group["lr"] * it.scale)
 
     @staticmethod
     def dct_basis(d: int, dtype: torch.dtype = torch.float32, device: Any = None) -> torch.Tensor:

@@ -10,7 +10,16 @@ import torch
 from ..functional.lowrank import add_back_
 from ..registry import register_optimizer
 from ._base import FOREACH_OPS, LOOP_OPS, check_betas, check_choice, check_lr, check_non_negative
-from ._lowrank import PROJECTIONS, Item, ProjectedOptimizer, check_gap, check_projection, check_rank, lowrank_groups
+from ._lowrank import (
+    PROJECTIONS,
+    Item,
+    ProjectedOptimizer,
+    check_gap,
+    check_proj_dtype,
+    check_projection,
+    check_rank,
+    lowrank_groups,
+)
 
 __all__ = ["FRUGAL"]
 
@@ -83,6 +92,10 @@ class FRUGAL(ProjectedOptimizer):
         reset_state: zero the moments when the subspace changes (default True); with ``False``
             they carry over as in GaLore. Blockwise blocks always start from a fresh state.
         seed: seed of the random subspace rules (default 0).
+        proj_dtype: dtype of the projection matrix products, or None (default: the parameter's).
+            ``torch.bfloat16`` makes them 3-4x faster on CPUs with bfloat16 units and on GPUs; the
+            moments and the weights stay in the parameter's dtype. No effect on index subspaces
+            (``"randk"``, ``"topk"``, ``"blockwise"``), which need no product.
         maximize, foreach, nonfinite: see :class:`~lit_optim.optim.LitOptimizer`.
     """
 
@@ -104,6 +117,7 @@ class FRUGAL(ProjectedOptimizer):
         reset_state: bool = True,
         seed: int = 0,
         *,
+        proj_dtype: Any = None,
         maximize: bool = False,
         foreach: bool | None = None,
         nonfinite: str = "raise",
@@ -127,6 +141,7 @@ class FRUGAL(ProjectedOptimizer):
             state_free_lr_scale=check_non_negative("state_free_lr_scale", state_free_lr_scale),
             reset_state=bool(reset_state),
             seed=seed,
+            proj_dtype=check_proj_dtype(proj_dtype),
             project=None,
         )
         super().__init__(params, defaults, maximize=maximize, foreach=foreach, nonfinite=nonfinite)
@@ -236,7 +251,7 @@ class FRUGAL(ProjectedOptimizer):
                 res.index_fill_(0 if it.side == "left" else 1, it.proj, 0.0)
             else:
                 res = it.g.clone(memory_format=torch.contiguous_format)
-                add_back_(res, low, it.proj, it.side, alpha=-1.0)
+                add_back_(res, low, it.proj, it.side, alpha=-1.0, dtype=self.mm_dtype(group))
                 if sign:
                     res.sign_()
             it.p.add_(res.reshape(it.p.shape), alpha=-lr * group["state_free_lr_scale"])
@@ -258,4 +273,4 @@ class FRUGAL(ProjectedOptimizer):
             it.scale = scale
 
     def _phase_c(self, group, it: Item, step: int) -> None:
-        self.add_to_param(it, it.low, -group["lr"] * it.scale)
+        self.add_to_param(group, it, it.low, -group["lr"] * it.scale)

@@ -9,7 +9,16 @@ import torch
 from ..functional.subset import SUBSET_REDUCTIONS, subset_shape, subset_sq
 from ..registry import register_optimizer
 from ._base import check_choice, check_in_range, check_lr, check_non_negative
-from ._lowrank import PROJECTIONS, Item, ProjectedOptimizer, check_gap, check_projection, check_rank, lowrank_groups
+from ._lowrank import (
+    PROJECTIONS,
+    Item,
+    ProjectedOptimizer,
+    check_gap,
+    check_proj_dtype,
+    check_projection,
+    check_rank,
+    lowrank_groups,
+)
 
 __all__ = ["SubsetNormAdam"]
 
@@ -89,6 +98,10 @@ class SubsetNormAdam(ProjectedOptimizer):
         reset_momentum: zero the momentum when the subspace changes (default True).
         subset_reduction: ``"mean"`` (default) or ``"sum"`` of the squared gradient over a subset.
         seed: seed of the random subspace rules (default 0).
+        proj_dtype: dtype of the projection matrix products, or None (default: the parameter's).
+            ``torch.bfloat16`` makes them 3-4x faster on CPUs with bfloat16 units and on GPUs; the
+            moments and the weights stay in the parameter's dtype. No effect on index subspaces
+            (``"randk"``, ``"topk"``, ``"blockwise"``), which need no product.
         maximize, foreach, nonfinite: see :class:`~lit_optim.optim.LitOptimizer`.
     """
 
@@ -107,6 +120,7 @@ class SubsetNormAdam(ProjectedOptimizer):
         subset_reduction: str = "mean",
         seed: int = 0,
         *,
+        proj_dtype: Any = None,
         maximize: bool = False,
         foreach: bool | None = None,
         nonfinite: str = "raise",
@@ -125,6 +139,7 @@ class SubsetNormAdam(ProjectedOptimizer):
             reset_momentum=bool(reset_momentum),
             subset_reduction=check_choice("subset_reduction", subset_reduction, SUBSET_REDUCTIONS),
             seed=seed,
+            proj_dtype=check_proj_dtype(proj_dtype),
             project=None,
         )
         super().__init__(params, defaults, maximize=maximize, foreach=foreach, nonfinite=nonfinite)
@@ -210,4 +225,4 @@ class SubsetNormAdam(ProjectedOptimizer):
             p.add_((num / denom).view(p.shape), alpha=value)
         if group["subspace_momentum"]:
             # N = G + back(m/bc1 - R); the subset denominators broadcast along the projected side
-            self.add_to_param(it, it.low.div_(denom), -lr)
+            self.add_to_param(group, it, it.low.div_(denom), -lr)

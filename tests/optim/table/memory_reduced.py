@@ -163,6 +163,7 @@ SPECS = [
             {"projection": "topk", "state_full": "sgdm", "update_proj_gap": 3},
             {"projection": "dct", "update_proj_gap": 2, "reset_state": False, "state_free_lr_scale": 0.5},
             {"projection": "svd", "state_free": "none", "update_proj_gap": 2},
+            {"projection": "svd", "proj_dtype": "bfloat16", "update_proj_gap": 2},
         ],
         errors=COMMON
         + BETAS
@@ -173,6 +174,7 @@ SPECS = [
             ErrorInput({"projection": "blockwise", "rank": 4}, ValueError, r"projection='blockwise' needs rank as a fraction"),
             ErrorInput({"state_free_lr_scale": -1.0}, ValueError, r"state_free_lr_scale must be in \[0, inf\), got -1.0"),
             ErrorInput({"seed": 1.5}, TypeError, r"seed must be an int, got float 1.5"),
+            ErrorInput({"proj_dtype": "int8"}, ValueError, r"proj_dtype must be None or a floating torch dtype .*got 'int8'"),
         ],
         reference=ref_frugal,
         reference_kwargs={"projection": "svd", "lr": 0.05, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2},
@@ -187,6 +189,7 @@ SPECS = [
             {"subspace_momentum": False, "betas": (0.9, 1.0)},
             {"projection": "random", "reset_momentum": False, "update_proj_gap": 2, "rank": 2},
             {"projection": "dct", "update_proj_gap": 2},
+            {"projection": "dct", "update_proj_gap": 2, "proj_dtype": "bfloat16"},
         ],
         errors=COMMON
         + BETAS
@@ -194,6 +197,7 @@ SPECS = [
             ErrorInput({"betas": (0.9, 1.1)}, ValueError, r"betas\[1\] must be in \[0, 1\], got 1.1"),
             ErrorInput({"projection": "blockwise"}, ValueError, r"projection must be one of .*got 'blockwise'"),
             ErrorInput({"subset_reduction": "max"}, ValueError, r"subset_reduction must be one of \['mean', 'sum'\], got 'max'"),
+            ErrorInput({"proj_dtype": "int8"}, ValueError, r"proj_dtype must be None or a floating torch dtype .*got 'int8'"),
         ],
         reference=ref_subset_norm,
         reference_kwargs={"projection": "svd", "lr": 0.05, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2},
@@ -205,12 +209,14 @@ SPECS = [
             {"update_proj_gap": 5},
             {"update_proj_gap": 2, "on_refresh": "keep", "weight_decay": 0.1},
             {"update_proj_gap": 2, "on_refresh": "reset", "rank": 3, "dct_norm": 2},
+            {"update_proj_gap": 2, "proj_dtype": "bfloat16"},
         ],
         errors=COMMON
         + BETAS
         + [
             ErrorInput({"dct_norm": 3}, ValueError, r"dct_norm must be one of \[1, 2\], got 3"),
             ErrorInput({"on_refresh": "project"}, ValueError, r"on_refresh must be one of \['rotate', 'keep', 'reset'\]"),
+            ErrorInput({"proj_dtype": "int8"}, ValueError, r"proj_dtype must be None or a floating torch dtype .*got 'int8'"),
         ],
         reference=ref_dct,
         reference_kwargs={"lr": 0.05, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2},
