@@ -82,25 +82,22 @@ class Adan(LitOptimizer):
         if step == 1:
             ops.copy_(prev, grads)
         diff = ops.sub(grads, prev)
+        ops.lerp_(n, diff, 1.0 - beta2)
+        # diff <- g + beta2 (g - g_prev), one extrapolating lerp from the previous gradient
+        diff = ops.lerp(prev, grads, 1.0 + beta2)
         ops.copy_(prev, grads)
         ops.lerp_(m, grads, 1.0 - beta1)
-        ops.lerp_(n, diff, 1.0 - beta2)
-        # diff <- g + beta2 * diff
-        ops.mul_(diff, beta2)
-        ops.add_(diff, grads)
         ops.mul_(v, beta3)
         ops.addcmul_(v, diff, diff, value=1.0 - beta3)
         bc1 = 1.0 - beta1**step
         bc2 = 1.0 - beta2**step
         sbc3 = math.sqrt(1.0 - beta3**step)
-        # numerator m/bc1 + beta2 n/bc2, written into the diff buffer; denominator sqrt(v)+eps*sbc3
-        ops.copy_(diff, m)
-        ops.mul_(diff, 1.0 / bc1)
-        ops.add_(diff, n, alpha=beta2 / bc2)
+        # numerator (m/bc1 + beta2 n/bc2) = (m + (beta2 bc1/bc2) n) / bc1, the 1/bc1 folded into the step
+        num = ops.add(m, n, alpha=beta2 * bc1 / bc2)
         denom = ops.sqrt(v)
         ops.add_(denom, eps * sbc3)
         if wd != 0.0 and group["no_prox"]:
             ops.mul_(params, 1.0 - lr * wd)
-        ops.addcdiv_(params, diff, denom, value=-lr * sbc3)
+        ops.addcdiv_(params, num, denom, value=-lr * sbc3 / bc1)
         if wd != 0.0 and not group["no_prox"]:
             ops.mul_(params, 1.0 / (1.0 + lr * wd))
