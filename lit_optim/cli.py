@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 import time
@@ -92,6 +93,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     unknown = set(lrs) - set(names)
     if unknown:
         raise CLIError(f"--lr names optimizers that are not compared: {sorted(unknown)}")
+    sweep = None
+    if args.lr_sweep:
+        try:
+            sweep = [float(v) for v in args.lr_sweep.split(",") if v.strip()]
+        except ValueError:
+            raise CLIError(f"--lr-sweep expects comma-separated numbers, got {args.lr_sweep!r}") from None
+        if not sweep or any(not (v > 0 and math.isfinite(v)) for v in sweep):
+            raise CLIError(f"--lr-sweep multipliers must be finite and > 0, got {args.lr_sweep!r}")
     text = None
     if args.text is not None:
         if args.task != "charlm":
@@ -109,6 +118,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         names,
         out=args.out,
         lrs=lrs,
+        lr_sweep=sweep,
         task=args.task,
         steps=args.steps,
         batch_size=args.batch_size,
@@ -130,6 +140,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "device": args.device,
         "model size": args.model_size,
+        **({"lr sweep": "x" + ",".join(f"{v:g}" for v in sweep)} if sweep else {}),
         "total time": f"{time.perf_counter() - t0:.0f} s",
     }
     report = write_report(results, args.out, meta)
@@ -157,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     c.add_argument("--model-size", default="small", choices=["tiny", "small", "base"])
     c.add_argument("--lr", default=None, help="per-optimizer learning rates, e.g. adamw=3e-3,muon=0.02")
+    c.add_argument(
+        "--lr-sweep",
+        default=None,
+        help="multipliers of each optimizer's lr, e.g. 0.3,1,3: train each at every one and report its best "
+        "(lowest final validation loss); multiplies the time by their number",
+    )
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

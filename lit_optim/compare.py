@@ -33,6 +33,8 @@ class RunResult:
     state_bytes: int = 0
     num_params: int = 0
     error: str | None = None
+    #: with an lr sweep: (lr, final validation loss, final train loss) of every run of this optimizer
+    sweep: list[tuple[float, float, float]] = field(default_factory=list)
 
     @property
     def final_train_loss(self) -> float:
@@ -121,6 +123,7 @@ def run_one(
     progress_bar: bool = True,
     optimizer_kwargs: dict[str, Any] | None = None,
     curvature_every: int = 10,
+    tb_version: str | None = None,
 ) -> RunResult:
     """Train the task's model with optimizer ``name`` for ``steps`` optimizer steps."""
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -159,7 +162,7 @@ def run_one(
         max_steps=steps,
         accelerator="gpu" if device == "cuda" else device,
         devices=1,
-        logger=TensorBoardLogger(os.path.join(out, "tensorboard"), name=name, version=f"seed{seed}"),
+        logger=TensorBoardLogger(os.path.join(out, "tensorboard"), name=name, version=tb_version or f"seed{seed}"),
         callbacks=callbacks,
         val_check_interval=min(val_every, steps_per_epoch),
         check_val_every_n_epoch=None if val_every < steps_per_epoch else 1,
@@ -187,13 +190,39 @@ def run_one(
     return result
 
 
-def run_comparison(optimizers: list[str], *, out: str, lrs: dict[str, float] | None = None, **kwargs: Any) -> list[RunResult]:
+def run_comparison(
+    optimizers: list[str],
+    *,
+    out: str,
+    lrs: dict[str, float] | None = None,
+    lr_sweep: list[float] | None = None,
+    **kwargs: Any,
+) -> list[RunResult]:
+    """Run :func:`run_one` for each optimizer (at ``lrs[name]``, else its registry default lr).
+
+    ``lr_sweep``: multipliers of that lr; each optimizer is trained once per multiplier (same seed,
+    data order and schedule) and its run with the lowest final validation loss is the one reported,
+    with every run's losses in :attr:`RunResult.sweep`. The choice is made on the validation loss
+    it reports, so a swept figure is an optimistic estimate for every optimizer alike."""
     lrs = lrs or {}
     os.makedirs(out, exist_ok=True)
     results = []
+    seed = kwargs.get("seed", 0)
     for name in optimizers:
-        print(f"\n=== {name} ===", flush=True)
-        results.append(run_one(name, out=out, lr=lrs.get(name), **kwargs))
+        base = lrs.get(name, get_optimizer_info(name).default_lr)
+        if not lr_sweep:
+            print(f"\n=== {name} ===", flush=True)
+            results.append(run_one(name, out=out, lr=base, **kwargs))
+        else:
+            runs = []
+            for mult in lr_sweep:
+                lr = base * mult
+                print(f"\n=== {name} lr {lr:g} ===", flush=True)
+                runs.append(run_one(name, out=out, lr=lr, tb_version=f"seed{seed}-lr{lr:g}", **kwargs))
+            ok = [r for r in runs if r.error is None and math.isfinite(r.final_val_loss)]
+            best = min(ok, key=lambda r: r.final_val_loss) if ok else runs[0]
+            best.sweep = [(r.lr, r.final_val_loss, r.final_train_loss) for r in runs]
+            results.append(best)
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump([asdict(r) for r in results], f, indent=1)
     return results
@@ -230,6 +259,22 @@ def write_report(results: list[RunResult], out: str, meta: dict[str, Any], basel
             f"{reach if reach is not None else 'not reached'} | {r.step_time_s * 1e3:.1f} | {_fmt(ratio, 2)}x | "
             f"{r.bytes_per_param:.1f} |"
         )
+    swept = [r for r in results if r.sweep]
+    if swept:
+        lines += [
+            "",
+            "Learning-rate sweep: each optimizer was trained at every lr below (same seed, data and schedule); "
+            "the table above shows its run with the lowest final validation loss (bold here).",
+            "",
+            "| optimizer | lr: final val loss (final train loss) |",
+            "|---|---|",
+        ]
+        for r in swept:
+            cells = []
+            for lr, val, train in r.sweep:
+                cell = f"{lr:g}: {_fmt(val)} ({_fmt(train)})"
+                cells.append(f"**{cell}**" if lr == r.lr else cell)
+            lines.append(f"| {r.optimizer} | {'; '.join(cells)} |")
     lines += ["", "![loss curves](loss.png)", "", f"TensorBoard: `tensorboard --logdir {os.path.join(out, 'tensorboard')}`", ""]
     text = "\n".join(lines)
     with open(os.path.join(out, "report.md"), "w") as f:

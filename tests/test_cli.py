@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import subprocess
 import sys
 
@@ -33,6 +34,8 @@ def test_list_names_every_optimizer_with_its_paper(capsys):
         (["compare", "--optimizers", "adamw", "--text", "/nonexistent/file.txt"], "--text file not found"),
         (["compare", "--optimizers", "adamw", "--lr", "adamw=fast"], "not a number"),
         (["compare", "--optimizers", "adamw", "--task", "digits", "--text", __file__], "--text applies to --task charlm only"),
+        (["compare", "--optimizers", "adamw", "--lr-sweep", "0.5,x"], "--lr-sweep expects comma-separated numbers"),
+        (["compare", "--optimizers", "adamw", "--lr-sweep", "0,1"], "--lr-sweep multipliers must be finite and > 0"),
     ],
 )
 def test_bad_arguments_give_one_line_error(argv, msg, capsys):
@@ -65,6 +68,28 @@ def test_compare_writes_report_plot_and_tensorboard(task, tmp_path):
     assert "1.00x" in row and "| 8.0 |" in row  # AdamW: two fp32 states per parameter
     assert (out / "loss.png").stat().st_size > 1000
     assert glob.glob(str(out / "tensorboard" / "adan" / "*" / "events.out.tfevents.*"))
+
+
+def test_compare_lr_sweep_reports_each_optimizers_best_run(tmp_path):
+    out = tmp_path / "sweep"
+    rc = main(["compare", "--task", "digits", "--optimizers", "adamw,lion", "--steps", "10", "--batch-size", "16",
+               "--model-size", "tiny", "--out", str(out), "--no-progress", "--lr-sweep", "0.1,1,10"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    for r in results:
+        lrs = [row[0] for row in r["sweep"]]
+        base = lit_optim.get_optimizer_info(r["optimizer"]).default_lr
+        assert lrs == pytest.approx([base * 0.1, base, base * 10])
+        vals = [row[1] for row in r["sweep"]]
+        assert r["lr"] == lrs[vals.index(min(vals))]  # the reported run is the best one
+        assert r["val_loss"][-1] == min(vals)
+        # one TensorBoard run per swept lr
+        assert len(glob.glob(str(out / "tensorboard" / r["optimizer"] / "*" / "events.out.tfevents.*"))) == 3
+    report = (out / "report.md").read_text()
+    assert "Learning-rate sweep" in report and "**lr sweep**: x0.1,1,10" in report
+    for r in results:  # the chosen lr is the bold cell of its sweep row
+        row = next(line for line in report.splitlines() if line.startswith(f"| {r['optimizer']} | ") and ": " in line)
+        assert f"**{r['lr']:g}: " in row and row.count("**") == 2
 
 
 def test_compare_with_user_text(tmp_path):
