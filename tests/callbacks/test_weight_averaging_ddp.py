@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 
 import lightning as L
@@ -122,6 +123,23 @@ def _entry(rank: int, port: int, fn, args) -> None:
     )
     torch.set_num_threads(1)
     fn(*args)
+    _teardown()
+    # the work is done and its files are written: skip the interpreter's shutdown, where native
+    # threads (gloo, OpenMP) have been seen to abort a finished worker
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _teardown() -> None:
+    """Destroy the gloo process group before the interpreter exits: left to the interpreter's
+    shutdown, gloo's threads sometimes abort the process ("terminate called without an active
+    exception", SIGABRT) after all the work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def run_in_two_processes(fn, *args, timeout: float = 600.0) -> None:

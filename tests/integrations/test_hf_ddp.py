@@ -79,6 +79,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str, repo: str) -> None:
         },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
+    # destroy the gloo group before interpreter shutdown, where its threads can abort the process
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter shutdown (see tests/callbacks/test_weight_averaging_ddp.py)
 
 
 def test_ddp_curvature_trainer_and_callbacks_agree_across_ranks(tmp_path):
