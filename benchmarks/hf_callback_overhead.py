@@ -59,11 +59,16 @@ class Digits(Dataset):
         return {"x": self.x[i], "labels": self.y[i]}
 
 
+#: hidden width of the MLP (``--width``; 256: ~85k parameters, 1024: ~1.1M)
+WIDTH = 256
+
+
 class MLP(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+        w = WIDTH
+        self.net = nn.Sequential(nn.Linear(64, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(), nn.Linear(w, 10))
 
     def forward(self, x, labels=None):
         logits = self.net(x)
@@ -200,10 +205,12 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--kinds", default="clip,ema,adaptive,curvature")
+    ap.add_argument("--width", type=int, default=256, help="hidden width of the MLP (256: 85k parameters)")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     args = ap.parse_args(argv)
-    global CLOCK
+    global CLOCK, WIDTH
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    WIDTH = args.width
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
