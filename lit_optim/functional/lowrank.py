@@ -111,7 +111,8 @@ def add_back_(
     out: Tensor, x: Tensor, basis: Tensor, side: str, alpha: float = 1.0, dtype: torch.dtype | None = None
 ) -> Tensor:
     """``out += alpha * back(x)`` in place for an ``(m, n)`` contiguous ``out``; an index basis
-    touches only the selected rows/columns (no full-size temporary). ``dtype``: run the product of
+    touches only the selected rows/columns (no full-size temporary; the indices must be distinct,
+    as every built-in rule's are). ``dtype``: run the product of
     a dense basis in this dtype (see :func:`project`) and add the result to ``out``."""
     if basis.dtype == torch.int64:
         if side == "left":
