@@ -210,19 +210,17 @@ def run_comparison(
     seed = kwargs.get("seed", 0)
     for name in optimizers:
         base = lrs.get(name, get_optimizer_info(name).default_lr)
-        if not lr_sweep:
-            print(f"\n=== {name} ===", flush=True)
-            results.append(run_one(name, out=out, lr=base, **kwargs))
-        else:
-            runs = []
-            for mult in lr_sweep:
-                lr = base * mult
-                print(f"\n=== {name} lr {lr:g} ===", flush=True)
-                runs.append(run_one(name, out=out, lr=lr, tb_version=f"seed{seed}-lr{lr:g}", **kwargs))
-            ok = [r for r in runs if r.error is None and math.isfinite(r.final_val_loss)]
-            best = min(ok, key=lambda r: r.final_val_loss) if ok else runs[0]
+        runs = []
+        for mult in lr_sweep or [1.0]:
+            lr = base * mult
+            print(f"\n=== {name}{f' lr {lr:g}' if lr_sweep else ''} ===", flush=True)
+            version = f"seed{seed}-lr{lr:g}" if lr_sweep else None
+            runs.append(run_one(name, out=out, lr=lr, tb_version=version, **kwargs))
+        ok = [r for r in runs if r.error is None and math.isfinite(r.final_val_loss)]
+        best = min(ok, key=lambda r: r.final_val_loss) if ok else runs[0]
+        if lr_sweep:
             best.sweep = [(r.lr, r.final_val_loss, r.final_train_loss) for r in runs]
-            results.append(best)
+        results.append(best)
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump([asdict(r) for r in results], f, indent=1)
     return results
