@@ -17,15 +17,6 @@ from lit_optim.callbacks import AdaptiveBatchSizeCallback
 from tests.helpers import fit_resume_compare, quiet_trainer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to a busy machine's scheduling."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def regression_data(n: int, jitter: float, noise: float, seed: int = 0) -> TensorDataset:
     """``jitter``: spread of the inputs around one point; ``noise``: label noise. Small values of
     both make every example's gradient almost the same (signal dominates the gradient noise)."""

@@ -115,9 +115,10 @@ def test_stacked_add_equals_one_by_one():
     assert torch.allclose(sa.coord_sum_sq, sb.coord_sum_sq)
 
 
-def _two_rank_finalize(parts):
-    """Run finalize on two accumulators in two threads whose all_reduce sums their tensors:
-    an in-process stand-in for two DDP ranks."""
+def _run_two_ranks(work):
+    """Run ``work(rank, all_reduce)`` in two threads whose ``all_reduce`` sums the tensors the two
+    pass in (in place, returning them): an in-process stand-in for two DDP ranks. Returns the two
+    results."""
     barrier = threading.Barrier(2)
     slots: list = [None, None]
     out: list = [None, None]
@@ -134,9 +135,7 @@ def _two_rank_finalize(parts):
         return reduce
 
     def run(rank):
-        acc = GradSampleAccumulator(1, track_inner=True, track_coordinate=True)
-        acc.add(parts[rank])
-        out[rank] = acc.finalize(all_reduce=make_reduce(rank))
+        out[rank] = work(rank, make_reduce(rank))
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
     for t in threads:
@@ -144,6 +143,17 @@ def _two_rank_finalize(parts):
     for t in threads:
         t.join()
     return out
+
+
+def _two_rank_finalize(parts):
+    """Finalize on two accumulators, one per in-process rank (see :func:`_run_two_ranks`)."""
+
+    def work(rank, all_reduce):
+        acc = GradSampleAccumulator(1, track_inner=True, track_coordinate=True)
+        acc.add(parts[rank])
+        return acc.finalize(all_reduce=all_reduce)
+
+    return _run_two_ranks(work)
 
 
 def test_all_reduced_statistics_equal_the_pooled_statistics_on_every_rank():
@@ -317,22 +327,7 @@ def test_micro_batch_stats_reduced_over_two_ranks_equal_the_pooled_micro_batches
             units.append(torch.cat([g.reshape(-1) for g in grads]))
     ref = run_sampling_test(_stats(torch.stack(units).double(), unit_size=m), test, eta=0.3, theta=0.4, nu=0.5)
 
-    barrier = threading.Barrier(2)
-    slots: list = [None, None]
-    out: list = [None, None]
-
-    def make_reduce(rank):
-        def reduce(t):
-            slots[rank] = t.clone()
-            barrier.wait()
-            total = slots[0] + slots[1]
-            barrier.wait()
-            t.copy_(total)
-            return t
-
-        return reduce
-
-    def run(rank):
+    def work(rank, reduce):
         model = models[rank]
         params = list(model.parameters())
         mb = MicroBatchGradStats(
@@ -345,16 +340,10 @@ def test_micro_batch_stats_reduced_over_two_ranks_equal_the_pooled_micro_batches
             mb.after_backward()
         # what the callback does: all-reduce the accumulated gradients, total = sum of every sample
         local = torch.cat([p.grad.reshape(-1) for p in params])
-        reduce = make_reduce(rank)
         summed = reduce(local.clone())
-        out[rank] = mb.finalize(all_reduce=reduce, total=summed * acc)
+        return mb.finalize(all_reduce=reduce, total=summed * acc)
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for st in out:
+    for st in _run_two_ranks(work):
         assert st.count == 4 and st.batch_size == 16
         got = run_sampling_test(st, test, eta=0.3, theta=0.4, nu=0.5)
         assert got.required_batch_size == pytest.approx(ref.required_batch_size, rel=1e-4)

@@ -17,15 +17,6 @@ from lit_optim.callbacks import GradClipMedianCallback
 from tests.helpers import TinyClassifier, fit_resume_compare, quiet_trainer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to a busy machine's scheduling."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # gradient scale of each optimizer step: a phase of large gradients, a phase of small ones with
 # one planted spike, and a phase of very large ones
 PHASE1, PHASE2, PHASE3 = 20, 20, 20

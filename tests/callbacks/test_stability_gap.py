@@ -19,16 +19,6 @@ from lit_optim.functional import StabilityGapTracker
 from ..helpers import StopAtEpoch, quiet_trainer
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is fastest, and avoids oversubscribing CI's 2 cores
-    when pytest-xdist runs 2 workers."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- the tracker alone
 
 SCRIPT = {  # evaluated task -> {step: accuracy}; tasks start at steps 0, 10, 20

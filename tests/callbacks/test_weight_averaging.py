@@ -19,16 +19,6 @@ from lit_optim.functional import MultiEMA, average_state_dicts, init_fingerprint
 from ..helpers import TinyClassifier, classification_data, fit_resume_compare, flat_params, quiet_trainer
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is fastest, and avoids oversubscribing CI's 2 cores
-    when pytest-xdist runs 2 workers."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- a model with known updates
 
 C = torch.tensor([1.0, 2.0, -3.0])

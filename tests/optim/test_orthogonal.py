@@ -330,27 +330,23 @@ def test_noise_adaptive_ignores_empty_matrices():
 def test_root_with_coefficients_fitted_to_the_matrix_size():
     torch.manual_seed(7)
     g = torch.randn(8, 24, dtype=torch.float64)
-    d, opt = update_of(
-        lit_optim.ROOT,
-        torch.zeros(8, 24, dtype=torch.float64),
-        g,
-        lr=0.1,
-        adjust_lr="none",
-        ns_coefficients="fit",
-        threshold_quantile=1.0,
-    )
+
+    def run(coefficients):
+        return update_of(
+            lit_optim.ROOT,
+            torch.zeros(8, 24, dtype=torch.float64),
+            g,
+            lr=0.1,
+            adjust_lr="none",
+            ns_coefficients=coefficients,
+            threshold_quantile=1.0,
+        )
+
+    d, opt = run("fit")
     assert opt.param_groups[0]["ns_coefficients"] == "fit"
     s = torch.linalg.svdvals(d / 0.1)
     # the fitted schedule brings a Gaussian matrix of this size closer to orthogonal than the quintic
-    q, _ = update_of(
-        lit_optim.ROOT,
-        torch.zeros(8, 24, dtype=torch.float64),
-        g,
-        lr=0.1,
-        adjust_lr="none",
-        ns_coefficients="quintic",
-        threshold_quantile=1.0,
-    )
+    q, _ = run("quintic")
     sq = torch.linalg.svdvals(q / 0.1)
     assert (s - 1).abs().max() < (sq - 1).abs().max()
     saved = opt.state_dict()
