@@ -34,10 +34,35 @@ def _fmt_interval(low: float, high: float, low_closed: bool, high_closed: bool) 
     return f"{'[' if low_closed else '('}{f(low)}, {f(high)}{']' if high_closed else ')'}"
 
 
+#: torch.optim's wording for the arguments it validates itself (appended to our message so that code
+#: matching torch's errors matches ours too)
+_TORCH_WORDING = {
+    "lr": "Invalid learning rate",
+    "eps": "Invalid epsilon value",
+    "weight_decay": "Invalid weight_decay value",
+    "momentum": "Invalid momentum value",
+    "dampening": "Invalid dampening value",
+    "lr_decay": "Invalid lr_decay value",
+    "initial_accumulator_value": "Invalid initial_accumulator_value value",
+}
+
+
+def _torch_wording(name: str, value: Any) -> str:
+    if name.startswith("betas[") and name.endswith("]"):
+        return f" (Invalid beta parameter at index {name[6:-1]}: {value})"
+    if name in _TORCH_WORDING:
+        return f" ({_TORCH_WORDING[name]}: {value})"
+    return ""
+
+
 def _check_real(name: str, value: Any) -> float:
     if isinstance(value, Tensor):
         if value.numel() != 1:
-            raise TypeError(f"{name} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}")
+            # torch.optim: ValueError("Tensor lr must be 1-element")
+            raise ValueError(
+                f"Tensor {name} must be 1-element: {name} must be a number or a one-element tensor, "
+                f"got a tensor of shape {tuple(value.shape)}"
+            )
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
@@ -61,7 +86,10 @@ def check_in_range(
     ok_low = v >= low if low_closed else v > low
     ok_high = v <= high if high_closed else v < high
     if not (ok_low and ok_high):
-        raise ValueError(f"{name} must be in {_fmt_interval(low, high, low_closed, high_closed)}, got {value!r}")
+        raise ValueError(
+            f"{name} must be in {_fmt_interval(low, high, low_closed, high_closed)}, got {value!r}"
+            + _torch_wording(name, v)
+        )
     return v
 
 

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..registry import register_optimizer
+from . import _dtensor
 from ._base import ELEMENTWISE_BLOCK_NUMEL, LitOptimizer, apply_weight_decay, check_lr, check_non_negative
 
 __all__ = ["AdaGrad", "AdaGradNorm"]
@@ -135,20 +136,33 @@ class AdaGradNorm(LitOptimizer):
         group = self.param_groups[-1]
         group.setdefault("sum_sq_norm", float(group["initial_accumulator_value"]))
 
+    #: the group norm is summed over the shards of DTensor (FSDP2) parameters
+    supports_dtensor = True
+
     def _step_group(self, group, params, grads):
+        for p in params:
+            self._ensure_state(p, group)["step"] += 1
+        groups = _dtensor.sharded_mesh_groups(params)
+        sharded = [bool(_dtensor.sharded_mesh_groups([p])) for p in params]
+        params, grads = _dtensor.locals_(params), _dtensor.locals_(grads)
         if group["maximize"]:
             grads = torch._foreach_neg(grads)
-        for p in params:
-            st = self.state[p]
-            st["step"] = st.get("step", 0) + 1
         foreach = group["foreach"] is None or group["foreach"]
         from ._base import FOREACH_OPS, LOOP_OPS
 
         ops = FOREACH_OPS if foreach else LOOP_OPS
         grads = apply_weight_decay(ops, params, grads, group["lr"], group["weight_decay"], False)
         sq = 0.0
-        for n in ops.norm(grads):
-            sq += float(n) ** 2
+        if groups:
+            # one all-reduce of the local sums of squares over the shards (tensors that are not
+            # sharded hold the same values on every rank and are counted once)
+            norms = [float(n) ** 2 for n in ops.norm(grads)]
+            part = math.fsum(n for n, sh in zip(norms, sharded) if sh)
+            sq = float(_dtensor.all_reduce_over_shards(torch.tensor(part, dtype=torch.float64), groups))
+            sq += math.fsum(n for n, sh in zip(norms, sharded) if not sh)
+        else:
+            for n in ops.norm(grads):
+                sq += float(n) ** 2
         group["sum_sq_norm"] += sq
         scale = -group["lr"] / (math.sqrt(group["sum_sq_norm"]) + group["eps"])
         ops.add_(params, grads, alpha=scale)

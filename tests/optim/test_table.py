@@ -325,7 +325,15 @@ def test_closure_loss_is_returned_and_none_grads_are_skipped(spec):
         spec.do_step(opt, params, closure)
     assert params[2].grad is None
     assert torch.equal(params[2], frozen)
-    assert len(opt.state.get(params[2], {})) == 0
+    # state is created at construction (zeros, step 0) and left untouched by steps without a grad
+    st = opt.state.get(params[2], {})
+    fresh = spec.cls(make_params(torch.float64), **spec.inputs[0]).state
+    fresh_st = fresh[list(fresh)[2]] if len(fresh) > 2 else {}
+    assert st.get("step", 0) == 0
+    assert sorted(st) == sorted(fresh_st)
+    for k, v in st.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, fresh_st[k]), k
 
 
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.reference is not None], ids=lambda s: s.name)
