@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import param_groups as _pg
+from ._validation import check_in_range
 from .registry import available_optimizers, get_optimizer_info
 
 __all__ = [
@@ -67,16 +68,31 @@ def create_optimizer(
 
 class LRSchedule:
     """Multiplier of the base learning rate at optimizer step ``step`` (a picklable ``LambdaLR``
-    function, so the schedule is saved in checkpoints).
+    function, so the schedule is saved in checkpoints), with the conventions of
+    ``transformers.get_scheduler``, so that the Lightning route (:func:`configure_optimizers`) and
+    the Hugging Face route (``TrainingArguments(lr_scheduler_type=..., warmup_steps=...)``) give the
+    same learning rate at every step. With ``T = total_steps``, ``W = warmup_steps`` and the
+    progress ``p = (step - W) / max(1, T - W)``:
 
-    * ``constant``: 1 after warm-up.
-    * ``cosine``: half-cosine from 1 to ``min_lr_ratio`` over the steps after warm-up.
-    * ``linear``: linear decay from 1 to ``min_lr_ratio`` (the worst-case optimal schedule of
-      "When, Why and How Much? Adaptive Learning Rate Scheduling by Refinement").
-    * ``wsd``: warmup-stable-decay: constant, then a linear decay over the last
-      ``decay_fraction`` of the steps.
+    * **warm-up** (every kind): ``step / W`` for ``step < W``: 0 at the first step, 1.0 from step
+      ``W`` on (transformers' ``get_*_schedule_with_warmup``). ``wsd`` warms up from
+      ``min_lr_ratio`` instead, as ``transformers.get_wsd_schedule`` does.
+    * ``constant``: 1 after warm-up (``get_constant_schedule_with_warmup``).
+    * ``cosine``: half-cosine from 1 to ``min_lr_ratio``:
+      ``min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + cos(pi p))`` (``get_cosine_schedule_with_warmup``;
+      with ``min_lr_ratio > 0``, ``get_cosine_with_min_lr_schedule_with_warmup(min_lr_rate=...)``).
+    * ``linear``: linear decay from 1 to ``min_lr_ratio``: ``1 - (1 - min_lr_ratio) p``
+      (``get_linear_schedule_with_warmup`` when ``min_lr_ratio = 0``; transformers has no floor),
+      the worst-case optimal schedule of "When, Why and How Much? Adaptive Learning Rate
+      Scheduling by Refinement".
+    * ``wsd``: warmup-stable-decay: constant, then a linear decay to ``min_lr_ratio`` over the
+      last ``D = max(1, round(decay_fraction * T))`` steps
+      (``get_wsd_schedule(num_warmup_steps=W, num_decay_steps=D, num_training_steps=T,
+      decay_type="linear", min_lr_ratio=...)``).
 
-    Warm-up is linear from ``1/warmup_steps`` to 1 over ``warmup_steps`` steps.
+    From step ``T`` on the multiplier stays at its final value (``min_lr_ratio``; 1 for
+    ``constant``). The multiplier for ``step`` is the one ``LambdaLR`` applies to the update of
+    optimizer step ``step`` (0-based), as in transformers.
     """
 
     def __init__(
@@ -89,12 +105,10 @@ class LRSchedule:
     ):
         if kind not in SCHEDULES:
             raise ValueError(f"scheduler must be one of {list(SCHEDULES)}, got {kind!r}")
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
-        if not 0.0 < decay_fraction <= 1.0:
-            raise ValueError(f"decay_fraction must be in (0, 1], got {decay_fraction!r}")
+        min_lr_ratio = check_in_range("min_lr_ratio", min_lr_ratio, 0.0, 1.0)
+        decay_fraction = check_in_range("decay_fraction", decay_fraction, 0.0, 1.0, low_closed=False)
         if kind != "constant":
             if total_steps is None or total_steps < 1 or total_steps == math.inf:
                 raise ValueError(
@@ -108,31 +122,66 @@ class LRSchedule:
         self.min_lr_ratio = float(min_lr_ratio)
         self.decay_fraction = float(decay_fraction)
 
+    @property
+    def decay_steps(self) -> int | None:
+        """``wsd``: the steps of the final decay (``D``; at most the steps after warm-up)."""
+        if self.kind != "wsd":
+            return None
+        d = max(1, round(self.decay_fraction * self.total_steps))
+        return max(0, min(d, self.total_steps - self.warmup_steps))
+
     def __call__(self, step: int) -> float:
-        if self.warmup_steps and step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
+        w, lo = self.warmup_steps, self.min_lr_ratio
+        if step < w:
+            ramp = step / max(1, w)
+            return lo + (1.0 - lo) * ramp if self.kind == "wsd" else ramp
         if self.kind == "constant":
             return 1.0
         total = self.total_steps
-        lo = self.min_lr_ratio
         if self.kind == "wsd":
-            decay_steps = max(1, int(round(self.decay_fraction * total)))
-            start = max(self.warmup_steps, total - decay_steps)
+            decay = self.decay_steps
+            start = total - decay
             if step < start:
                 return 1.0
-            frac = min(1.0, (step - start) / max(1, total - start))
-            return 1.0 - (1.0 - lo) * frac
-        span = max(1, total - self.warmup_steps)
-        frac = min(1.0, max(0.0, (step - self.warmup_steps) / span))
+            if step >= total:
+                return lo
+            return lo + (1.0 - lo) * (1.0 - (step - start) / max(1, decay))
+        p = min(1.0, (step - w) / max(1, total - w))
         if self.kind == "cosine":
-            return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * frac))
-        return 1.0 - (1.0 - lo) * frac
+            return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * p))
+        return 1.0 - (1.0 - lo) * p
 
     def __repr__(self) -> str:
         return (
             f"LRSchedule({self.kind!r}, total_steps={self.total_steps}, warmup_steps={self.warmup_steps}, "
-            f"min_lr_ratio={self.min_lr_ratio})"
+            f"min_lr_ratio={self.min_lr_ratio}, decay_fraction={self.decay_fraction})"
         )
+
+    def hf_scheduler_args(self) -> dict[str, Any]:
+        """The ``transformers.get_scheduler`` arguments of the same schedule: ``name``,
+        ``num_warmup_steps``, ``num_training_steps`` and ``scheduler_specific_kwargs`` (for
+        ``TrainingArguments``: ``lr_scheduler_type``, ``warmup_steps``, ``max_steps``,
+        ``lr_scheduler_kwargs``). ``linear`` with ``min_lr_ratio > 0`` has no transformers twin."""
+        kw: dict[str, Any] = {}
+        if self.kind == "constant":
+            name = "constant_with_warmup"
+        elif self.kind == "cosine":
+            name = "cosine_with_min_lr" if self.min_lr_ratio > 0 else "cosine"
+            if self.min_lr_ratio > 0:
+                kw["min_lr_rate"] = self.min_lr_ratio
+        elif self.kind == "linear":
+            if self.min_lr_ratio > 0:
+                raise ValueError("transformers has no linear schedule with a floor (min_lr_ratio > 0)")
+            name = "linear"
+        else:
+            name = "warmup_stable_decay"
+            kw = {"num_decay_steps": self.decay_steps, "decay_type": "linear", "min_lr_ratio": self.min_lr_ratio}
+        return {
+            "name": name,
+            "num_warmup_steps": self.warmup_steps,
+            "num_training_steps": self.total_steps,
+            "scheduler_specific_kwargs": kw,
+        }
 
 
 def create_scheduler(

@@ -5,6 +5,9 @@
   the user names.
 * ``digits``: scikit-learn's bundled 8x8 handwritten digits with a small CNN.
 
+:func:`hf_causal_lm_task` builds the same kind of task from a Hugging Face causal-LM config (or a
+local model folder) and a text file, for ``lit-optim compare --hf-model ... --dataset ...``.
+
 Each task gives a :class:`lightning.LightningModule` (:class:`TaskModule`) whose
 ``configure_optimizers`` goes through :func:`lit_optim.configure_optimizers`.
 """
@@ -26,18 +29,30 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from .factory import configure_optimizers
 
 __all__ = [
+    "CHARLM_SIZES",
     "TASKS",
+    "CausalLMLogits",
     "CharTextData",
     "DigitsCNN",
     "GPTConfig",
     "TaskModule",
     "TinyGPT",
+    "TokenWindowData",
     "build_task",
     "digits_data",
+    "hf_causal_lm_task",
+    "load_hf_config",
     "stdlib_text",
 ]
 
 TASKS = ("charlm", "digits")
+
+#: TinyGPT sizes of the charlm task
+CHARLM_SIZES = {
+    "tiny": dict(n_layer=1, n_head=2, n_embd=32, block_size=32),
+    "small": dict(n_layer=2, n_head=4, n_embd=128, block_size=64),
+    "base": dict(n_layer=4, n_head=4, n_embd=256, block_size=128),
+}
 
 
 # ----------------------------------------------------------------------------- GPT
@@ -164,25 +179,17 @@ class _Windows(Dataset):
         return chunk[:-1], chunk[1:]
 
 
-class CharTextData:
-    """Character-level data: a vocabulary of the characters seen (others map to index 0), 90/10
-    train/validation split by position, windows of ``block_size`` characters."""
+class TokenWindowData:
+    """Windows of ``block_size`` tokens from a 1-D tensor of token ids: 90/10 train/validation split
+    by position; training windows start at seeded random positions."""
 
-    def __init__(self, text: str, block_size: int = 64, seed: int = 0):
-        if len(text) < 10 * (block_size + 1):
-            raise ValueError(f"text is too short ({len(text)} characters) for block_size={block_size}")
-        chars = sorted(set(text))
-        self.itos = ["\0"] + [c for c in chars if c != "\0"]
-        self.stoi = {c: i for i, c in enumerate(self.itos)}
-        data = torch.tensor([self.stoi.get(c, 0) for c in text], dtype=torch.long)
-        n = int(0.9 * len(data))
-        self.train, self.val = data[:n], data[n:]
+    def __init__(self, ids: torch.Tensor, block_size: int = 64, seed: int = 0):
+        if len(ids) < 10 * (block_size + 1):
+            raise ValueError(f"text is too short ({len(ids)} tokens) for block_size={block_size}")
+        n = int(0.9 * len(ids))
+        self.train, self.val = ids[:n], ids[n:]
         self.block_size = block_size
         self.seed = seed
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.itos)
 
     def train_dataset(self, num_samples: int) -> Dataset:
         g = torch.Generator().manual_seed(self.seed)
@@ -193,6 +200,24 @@ class CharTextData:
         g = torch.Generator().manual_seed(self.seed + 1)
         starts = torch.randint(0, len(self.val) - self.block_size - 1, (num_samples,), generator=g)
         return _Windows(self.val, self.block_size, starts)
+
+
+class CharTextData(TokenWindowData):
+    """Character-level data: a vocabulary of the characters seen (others map to index 0), 90/10
+    train/validation split by position, windows of ``block_size`` characters."""
+
+    def __init__(self, text: str, block_size: int = 64, seed: int = 0):
+        if len(text) < 10 * (block_size + 1):
+            raise ValueError(f"text is too short ({len(text)} characters) for block_size={block_size}")
+        chars = sorted(set(text))
+        self.itos = ["\0"] + [c for c in chars if c != "\0"]
+        self.stoi = {c: i for i, c in enumerate(self.itos)}
+        data = torch.tensor([self.stoi.get(c, 0) for c in text], dtype=torch.long)
+        super().__init__(data, block_size, seed)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
 
 
 # ----------------------------------------------------------------------------- digits
@@ -328,11 +353,7 @@ def build_task(
         train, val = digits_data(seed)
         model = DigitsCNN(width)
         return model, train, val, {"task": "digits", "model": f"DigitsCNN(width={width})", "train_size": len(train)}
-    sizes = {
-        "tiny": dict(n_layer=1, n_head=2, n_embd=32, block_size=32),
-        "small": dict(n_layer=2, n_head=4, n_embd=128, block_size=64),
-        "base": dict(n_layer=4, n_head=4, n_embd=256, block_size=128),
-    }[model_size]
+    sizes = CHARLM_SIZES[model_size]
     if text is None:
         text = stdlib_text(400_000 if model_size != "base" else 2_000_000)
         source = "Python standard library source"
@@ -345,3 +366,121 @@ def build_task(
     val = data.val_dataset(256 if model_size != "tiny" else 64)
     desc = {"task": "charlm", "model": f"TinyGPT({asdict(cfg)})", "text": source, "chars": len(text)}
     return model, train, val, desc
+
+
+# ----------------------------------------------------------------------------- Hugging Face causal LM
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+class CausalLMLogits(nn.Module):
+    """A Hugging Face causal LM as ``forward(input_ids) -> logits`` (the protocol of :class:`TaskModule`
+    and of the curvature callback)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=idx).logits
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.model.get_output_embeddings()
+
+
+def load_hf_config(config_or_path: str):
+    """``AutoConfig`` from a ``config.json`` file, a local model folder, or (downloaded by transformers
+    when it is not a local path) a Hub name."""
+    from transformers import AutoConfig
+
+    if os.path.isfile(config_or_path) or os.path.isdir(config_or_path):
+        return AutoConfig.from_pretrained(config_or_path, local_files_only=True)
+    return AutoConfig.from_pretrained(config_or_path)
+
+
+def hf_has_weights(config_or_path: str) -> bool:
+    return os.path.isdir(config_or_path) and any(os.path.exists(os.path.join(config_or_path, f)) for f in _WEIGHT_FILES)
+
+
+def hf_tokenizer_path(config_or_path: str, tokenizer: str | None = None) -> str | None:
+    """Where the tokenizer comes from: ``tokenizer`` when given, else the model folder when it holds
+    tokenizer files, else None (character-level tokens from the text itself)."""
+    if tokenizer:
+        return tokenizer
+    if os.path.isdir(config_or_path) and any(os.path.exists(os.path.join(config_or_path, f)) for f in _TOKENIZER_FILES):
+        return config_or_path
+    return None
+
+
+def hf_max_positions(config: Any) -> int | None:
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def hf_token_ids(text: str, config: Any, config_or_path: str, tokenizer: str | None = None) -> tuple[torch.Tensor, str]:
+    """Token ids of ``text`` and how they were made. With no tokenizer the text is tokenized by
+    characters (the vocabulary of the characters seen, which must fit in ``config.vocab_size``)."""
+    tok_path = hf_tokenizer_path(config_or_path, tokenizer)
+    if tok_path is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tok_path, local_files_only=os.path.exists(tok_path))
+        ids = tok(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long), f"tokenizer {tok_path}"
+    chars = sorted(set(text))
+    vocab = ["\0"] + [c for c in chars if c != "\0"]
+    if len(vocab) > config.vocab_size:
+        raise ValueError(
+            f"the text has {len(vocab)} distinct characters but the model's vocab_size is {config.vocab_size}; "
+            "give a config with a larger vocab_size or a tokenizer (--tokenizer, or tokenizer files in the model folder)"
+        )
+    stoi = {c: i for i, c in enumerate(vocab)}
+    return torch.tensor([stoi.get(c, 0) for c in text], dtype=torch.long), f"characters ({len(vocab)} symbols)"
+
+
+def hf_causal_lm_task(
+    config_or_path: str,
+    text: str,
+    *,
+    steps: int,
+    batch_size: int,
+    seed: int = 0,
+    block_size: int | None = None,
+    tokenizer: str | None = None,
+    attention: str = "sdpa",
+    val_samples: int = 256,
+) -> tuple[nn.Module, Dataset, Dataset, dict[str, Any]]:
+    """Model, training set, validation set and a description for a Hugging Face causal LM trained on
+    ``text``: built from its config with a seeded random initialization (``AutoModelForCausalLM.from_config``),
+    or loaded from a local folder that holds weights (fine-tuning). ``attention="math"`` asks for the
+    eager attention implementation (Hessian-vector products need double backward)."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_hf_config(config_or_path)
+    max_pos = hf_max_positions(config)
+    block = block_size or min(128, max_pos or 128)
+    if max_pos is not None and block > max_pos:
+        raise ValueError(f"block_size {block} exceeds the model's {max_pos} positions")
+    ids, how = hf_token_ids(text, config, config_or_path, tokenizer)
+    data = TokenWindowData(ids, block_size=block, seed=seed)
+    kw = {"attn_implementation": "eager"} if attention == "math" else {}
+    torch.manual_seed(seed)
+    if hf_has_weights(config_or_path):
+        model = AutoModelForCausalLM.from_pretrained(config_or_path, local_files_only=True, **kw)
+        init = "pretrained weights"
+    else:
+        model = AutoModelForCausalLM.from_config(config, **kw)
+        init = "random init from the config"
+    wrapped = CausalLMLogits(model)
+    desc = {
+        "task": "hf",
+        "model": f"{type(model).__name__} ({init}) from {config_or_path}",
+        "tokens": how,
+        "block_size": block,
+        "train_tokens": len(data.train),
+    }
+    return wrapped, data.train_dataset(steps * batch_size), data.val_dataset(val_samples), desc

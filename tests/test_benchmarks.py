@@ -22,6 +22,8 @@ SMOKE = {
     "callback_overhead_grad": ["--reps", "1", "--block", "2", "--blocks", "4"],
     "callback_overhead_eval": ["--steps", "16", "--warmup", "2", "--block", "4", "--reps", "1"],
     "hf_callback_overhead": ["--steps", "12", "--warmup", "2", "--reps", "1"],
+    # spawns 1 then 2 gloo processes on tiny GPT shapes
+    "distributed": ["--small", "--procs", "1,2", "--reps", "1", "--only", "adamw,muon,frugal"],
 }
 
 

@@ -30,36 +30,57 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr, lightning_setattr
 from torch import Tensor
 
-from ..functional.grad_stats import (
-    LR_SCALING_RULES,
+from .._validation import check_choice, check_positive_int
+from ..functional.batch_size import LR_SCALING_RULES, BatchSizeController
+from ..functional.log_keys import adaptive_batch_logs
+from ..functional.per_example import flat_grads, per_example_grads
+from ..functional.sampling_tests import (
     SAMPLING_TESTS,
-    BatchSizeController,
     GradSampleAccumulator,
     GradSampleStats,
     MicroBatchGradStats,
     SamplingTestResult,
-    flat_grads,
-    per_example_grads,
 )
+from ..functional.sharded_sampling import ShardedMicroBatchGradStats
 from .grad_clip_median import _log_metrics
 
-__all__ = ["STATS_SOURCES", "AdaptiveBatchSizeCallback"]
+__all__ = ["STATS_SOURCES", "AdaptiveBatchSizeCallback", "training_step_loss"]
 
-STATS_SOURCES = ("micro_batch", "per_example")
+STATS_SOURCES = ("auto", "micro_batch", "per_example")
+
+
+def training_step_loss(pl_module: L.LightningModule, batch: Any) -> Tensor:
+    """The default ``loss_fn`` of the per-example statistics: the loss ``training_step(batch, 0)``
+    returns (a tensor, or the ``"loss"`` entry of a dict), with ``self.log`` / ``self.log_dict``
+    muted (the callback calls it under ``torch.func.vmap``, once per example)."""
+    had = {k: k in pl_module.__dict__ for k in ("log", "log_dict")}
+    saved = {k: pl_module.__dict__.get(k) for k in had}
+    pl_module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        out = pl_module.training_step(batch, 0)
+    finally:
+        for k, present in had.items():
+            if present:
+                setattr(pl_module, k, saved[k])
+            else:
+                delattr(pl_module, k)
+    if isinstance(out, dict):
+        out = out.get("loss")
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            "AdaptiveBatchSizeCallback: per-example statistics need a loss, but training_step returned "
+            f"{type(out).__name__}; pass loss_fn=<callable(module, batch) -> mean loss>"
+        )
+    return out
 
 
 def _positive_int_or_none(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
+    return None if value is None else check_positive_int(name, value)
 
 
 def _scale_lr(trainer: L.Trainer, factor: float) -> None:
@@ -108,7 +129,14 @@ class AdaptiveBatchSizeCallback(Callback):
 
     Where the statistics come from (``stats``):
 
-    * ``"micro_batch"`` (default, cheap): the gradients of the micro-batches of the gradient
+    * ``"auto"`` (default): ``"micro_batch"`` on every checked step that has at least 2
+      micro-batch gradients (accumulation x processes >= 2), ``"per_example"`` on the others. In
+      the most common set-up, one process without accumulation, that means per-example
+      gradients, which is how AdAdaGrad's authors estimate the variance (from per-sample
+      gradients of the mini-batch); once the batch has grown through accumulation the cheaper
+      micro-batch statistics take over. The choice is reported at the start of training
+      (``rank_zero_info``) and each checked step's source is in :attr:`stats_source`.
+    * ``"micro_batch"`` (cheap): the gradients of the micro-batches of the gradient
       accumulation and of the DDP ranks are the samples; their spread, times the micro-batch
       size, estimates the per-example variance. Needs at least 2 samples per step (2
       micro-batches on one process, or 2 ranks). Cost on a checked step: one flat copy of the
@@ -121,7 +149,10 @@ class AdaptiveBatchSizeCallback(Callback):
       rank-local gradients in ``on_after_backward`` of a checked step; everything from
       ``on_before_optimizer_step`` on sees the synchronised gradients.
     * ``"per_example"``: per-example gradients of the first micro-batch of the step from
-      ``torch.func`` (``vmap`` over ``grad``) with ``loss_fn(module, batch) -> mean loss``. Cost:
+      ``torch.func`` (``vmap`` over ``grad``) with ``loss_fn(module, batch) -> mean loss``
+      (default :func:`training_step_loss`: the module's own ``training_step`` with logging muted;
+      pass ``loss_fn`` when ``training_step`` cannot run under ``vmap``, e.g. it calls
+      ``.item()``, or holds BatchNorm in training mode). Cost:
       an extra vectorised forward and backward of that micro-batch and ``B x P`` memory (cap
       ``B`` with ``per_example_max``); under DDP one extra gradient-sized all-reduce. Random
       number generators are forked so the training trajectory does not see the extra draws.
@@ -140,20 +171,28 @@ class AdaptiveBatchSizeCallback(Callback):
         initial_accumulation: ``accumulate_grad_batches`` to start from (default: the Trainer's).
         lr_scaling: ``"none"``, ``"linear"`` (SGD) or ``"sqrt"`` (Adam-type) rescaling on growth.
         check_every_n_steps: run the test on optimizer steps ``0, n, 2n, ...`` (default 1).
-        stats: ``"micro_batch"`` or ``"per_example"`` (see above).
-        loss_fn: ``loss_fn(module, batch) -> Tensor`` for ``stats="per_example"`` (picklable
-            for ``ddp_spawn``).
+        stats: ``"auto"`` (default), ``"micro_batch"`` or ``"per_example"`` (see above).
+        loss_fn: ``loss_fn(module, batch) -> Tensor`` for the per-example statistics (picklable
+            for ``ddp_spawn``); default :func:`training_step_loss`.
         per_example_max: at most this many examples for the per-example statistics.
         rebuild_dataloader: at epoch ends, turn accumulation into a larger micro-batch (up to
             ``max_micro_batch_size``) by rebuilding the training loader.
         batch_size_attr: the module/datamodule/hparams attribute ``train_dataloader()`` reads.
-        log_stats: log ``adaptive_batch/*`` (batch size, micro-batch, accumulation, lr, test
-            statistic, required batch size) at checked steps and on growth.
+        log_stats: log ``adaptive_batch/batch_size``, ``micro_batch_size``, ``accumulation``,
+            ``lr``, ``lr_factor``, ``statistic`` (the latest test statistic) and
+            ``required_batch_size`` every ``log_every_n_steps`` steps: the keys of the HF twin
+            (:mod:`lit_optim.functional.log_keys`).
 
     State (``state_dict``): the micro-batch, accumulation, world size, the pending growth, the
     controller (batch size, requests, lr factor) and the history of growths; resuming from a
     checkpoint continues the schedule. The learning rates themselves travel in the optimizer and
     scheduler state.
+
+    FSDP2 (``ModelParallelStrategy`` with ``fully_shard``): every micro-batch gradient is
+    reduce-scattered, so the samples are the rank-averaged micro-batch gradients of the accumulation
+    (``micro_batch_size x world_size`` examples each; ``initial_accumulation >= 2`` is required) and
+    every statistic is reduced over the shards, giving the numbers one process computes from the
+    same micro-batches (:class:`~lit_optim.functional.sharded_sampling.ShardedMicroBatchGradStats`).
 
     Not supported: manual optimization, strategies that handle accumulation themselves
     (DeepSpeed), and ``GradientAccumulationScheduler`` alongside (both set the accumulation).
@@ -173,29 +212,21 @@ class AdaptiveBatchSizeCallback(Callback):
         initial_accumulation: int | None = None,
         lr_scaling: str = "none",
         check_every_n_steps: int = 1,
-        stats: str = "micro_batch",
+        stats: str = "auto",
         loss_fn: Callable[[torch.nn.Module, Any], Tensor] | None = None,
         per_example_max: int | None = None,
         rebuild_dataloader: bool = False,
         batch_size_attr: str = "batch_size",
         log_stats: bool = True,
     ):
-        if test not in SAMPLING_TESTS:
-            raise ValueError(f"test must be one of {', '.join(map(repr, SAMPLING_TESTS))}; got {test!r}")
-        if lr_scaling not in LR_SCALING_RULES:
-            raise ValueError(f"lr_scaling must be one of {', '.join(map(repr, LR_SCALING_RULES))}; got {lr_scaling!r}")
-        if stats not in STATS_SOURCES:
-            raise ValueError(f"stats must be one of {', '.join(map(repr, STATS_SOURCES))}; got {stats!r}")
-        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int):
-            raise TypeError(f"max_batch_size must be an int, got {type(max_batch_size).__name__} {max_batch_size!r}")
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        check_choice("test", test, SAMPLING_TESTS)
+        check_choice("lr_scaling", lr_scaling, LR_SCALING_RULES)
+        check_choice("stats", stats, STATS_SOURCES)
+        check_positive_int("max_batch_size", max_batch_size)
         # validates eta/theta/nu/quantile with the controller's messages
         BatchSizeController(
             1, 1, test=test, eta=eta, theta=theta, nu=nu, coordinate_quantile=coordinate_quantile, lr_scaling=lr_scaling
         )
-        if stats == "per_example" and loss_fn is None:
-            raise ValueError("stats='per_example' needs loss_fn=<callable(module, batch) -> mean loss>, got None")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         self.test = test
@@ -208,10 +239,7 @@ class AdaptiveBatchSizeCallback(Callback):
         self.max_micro_batch_size = _positive_int_or_none("max_micro_batch_size", max_micro_batch_size)
         self.initial_accumulation = _positive_int_or_none("initial_accumulation", initial_accumulation)
         self.lr_scaling = lr_scaling
-        n = _positive_int_or_none("check_every_n_steps", check_every_n_steps)
-        if n is None:
-            raise TypeError("check_every_n_steps must be an int >= 1, got None")
-        self.check_every_n_steps = n
+        self.check_every_n_steps = check_positive_int("check_every_n_steps", check_every_n_steps)
         self.stats = stats
         self.loss_fn = loss_fn
         self.per_example_max = _positive_int_or_none("per_example_max", per_example_max)
@@ -230,10 +258,15 @@ class AdaptiveBatchSizeCallback(Callback):
         self.history: list[dict[str, float]] = []
         self._restored: dict[str, Any] | None = None
         # per-step scratch (not saved)
+        #: where the statistics of the current (or last) checked step come from:
+        #: ``"micro_batch"`` or ``"per_example"`` (``stats="auto"`` decides per step)
+        self.stats_source: str | None = None
         self.last_result: SamplingTestResult | None = None
         self._collect = False
         self._is_final = False
-        self._micro: MicroBatchGradStats | None = None
+        self._micro: MicroBatchGradStats | ShardedMicroBatchGradStats | None = None
+        #: FSDP2 (DTensor parameters): micro-batch statistics from the reduce-scattered gradients
+        self._sharded = False
         self._manual_sync = False
         self._params: list[torch.nn.Parameter] = []
         self._named: list[tuple[str, torch.nn.Parameter]] = []
@@ -248,7 +281,21 @@ class AdaptiveBatchSizeCallback(Callback):
 
     @property
     def _min_accumulation(self) -> int:
-        return 2 if (self.stats == "micro_batch" and (self.world_size or 1) == 1) else 1
+        """Smallest accumulation a rebuilt loader may leave on one process: 2 while the statistics
+        come from micro-batches (``"auto"`` keeps the cheap micro-batch statistics once it has them)."""
+        if self._sharded:  # FSDP2: the samples are micro-batches of the accumulation only
+            return 2
+        if (self.world_size or 1) > 1 or self.stats == "per_example":
+            return 1
+        if self.stats == "micro_batch" or (self.accumulation or 1) >= 2:
+            return 2
+        return 1
+
+    def _source(self) -> str:
+        """The statistics of a step with the current accumulation and world size."""
+        if self.stats != "auto" or self._sharded:
+            return "micro_batch" if self._sharded else self.stats
+        return "micro_batch" if self.accumulation * self.world_size >= 2 else "per_example"
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -307,6 +354,7 @@ class AdaptiveBatchSizeCallback(Callback):
         self._named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
         self._params = [p for _, p in self._named]
         self._micro = None
+        self._sharded = any(type(p).__name__ == "DTensor" for p in self._params)
         world = trainer.world_size
         loader_micro = self._loader_batch_size(trainer, pl_module)
         if self._restored is not None:
@@ -348,13 +396,31 @@ class AdaptiveBatchSizeCallback(Callback):
             self.controller = self._make_controller(self.batch_size)
         if self.rebuild_dataloader:
             self._require_attr(pl_module, "rebuild_dataloader")
+        if self._sharded and (self.stats == "per_example" or self.accumulation < 2):
+            raise ValueError(
+                "AdaptiveBatchSizeCallback under FSDP2 (sharded DTensor parameters) estimates the gradient noise from "
+                "the micro-batches of the gradient accumulation: FSDP2 reduce-scatters every micro-batch, so no rank "
+                "sees its own gradient, and per-example gradients (torch.func) cannot run through fully_shard. Pass "
+                f"initial_accumulation>=2 and stats='auto' or 'micro_batch' (got accumulation {self.accumulation}, "
+                f"stats={self.stats!r})"
+            )
         if self.stats == "micro_batch" and self.accumulation * world < 2:
             raise ValueError(
                 "AdaptiveBatchSizeCallback(stats='micro_batch') estimates the gradient noise from the spread of at "
                 f"least 2 micro-batch gradients per step, but this run has accumulation {self.accumulation} on "
                 f"{world} process(es): pass initial_accumulation>=2, train on >=2 DDP ranks, or use "
-                "stats='per_example' with loss_fn"
+                "stats='auto' / 'per_example' (per-example gradients)"
             )
+        if self.stats == "auto":
+            if self._source() == "micro_batch":
+                how = f"micro-batch gradients ({self.accumulation} micro-batch(es) x {world} process(es) per step)"
+            else:
+                how = (
+                    "per-example gradients of each checked step's micro-batch (one micro-batch per optimizer step on "
+                    "one process; loss: " + ("loss_fn" if self.loss_fn is not None else "training_step") + "), "
+                    "micro-batch gradients once the accumulation reaches 2"
+                )
+            rank_zero_info(f"AdaptiveBatchSizeCallback: stats='auto' estimates the gradient noise from {how}")
 
     def _make_controller(self, batch_size: int) -> BatchSizeController:
         return BatchSizeController(
@@ -390,8 +456,21 @@ class AdaptiveBatchSizeCallback(Callback):
                 trainer.global_step % self.check_every_n_steps == 0 and self.controller.batch_size < self.max_batch_size
             )
             if self._collect:
-                if self.stats == "per_example":
+                self.stats_source = self._source()
+                if self.stats_source == "per_example":
                     self._per_example(trainer, pl_module, batch)
+                elif self._sharded:
+                    # FSDP2: samples are the rank-averaged micro-batch gradients of micro x world examples
+                    if self._micro is None:
+                        self._micro = ShardedMicroBatchGradStats(
+                            self._params,
+                            unit_size=self.micro_batch_size * self.world_size,
+                            track_inner=self.test == "inner_product",
+                            track_coordinate=self.test == "coordinate",
+                        )
+                    self._micro.unit_size = float(self.micro_batch_size * self.world_size)
+                    self._micro.scale = float(self.accumulation)
+                    self._micro.start()
                 else:
                     if self._micro is None:
                         self._micro = MicroBatchGradStats(
@@ -404,9 +483,9 @@ class AdaptiveBatchSizeCallback(Callback):
                     # Lightning divides each micro-batch loss by the accumulation
                     self._micro.scale = float(self.accumulation)
                     self._micro.start()
-        if not self._collect or self.stats != "micro_batch":
+        if not self._collect or self.stats_source != "micro_batch":
             return
-        if self._is_final and self.world_size > 1:
+        if self._is_final and self.world_size > 1 and not self._sharded:
             ddp = _ddp_module(trainer)
             if ddp is None:
                 raise RuntimeError(
@@ -418,8 +497,19 @@ class AdaptiveBatchSizeCallback(Callback):
 
     def _per_example(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
         devices = [p.device for p in self._params if p.device.type == "cuda"][:1]
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            g = per_example_grads(pl_module, self.loss_fn, batch, params=self._named, max_examples=self.per_example_max)
+        loss_fn = self.loss_fn or training_step_loss
+        try:
+            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+                g = per_example_grads(pl_module, loss_fn, batch, params=self._named, max_examples=self.per_example_max)
+        except Exception as err:
+            if self.loss_fn is not None:
+                raise
+            raise RuntimeError(
+                "AdaptiveBatchSizeCallback: per-example statistics run training_step on single examples under "
+                f"torch.func.vmap, which failed ({type(err).__name__}: {err}); pass loss_fn=<callable(module, batch) "
+                "-> mean loss> that vmap can run, or use gradient accumulation (initial_accumulation>=2) for "
+                "micro-batch statistics"
+            ) from err
         acc = GradSampleAccumulator(
             1, track_inner=self.test == "inner_product", track_coordinate=self.test == "coordinate"
         )
@@ -435,7 +525,7 @@ class AdaptiveBatchSizeCallback(Callback):
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         mb = self._micro
-        if not self._collect or self.stats != "micro_batch" or mb is None:
+        if not self._collect or self.stats_source != "micro_batch" or mb is None:
             return
         mb.after_backward()
         if not self._is_final:
@@ -503,19 +593,15 @@ class AdaptiveBatchSizeCallback(Callback):
             _log_metrics(trainer, self._describe(trainer))
 
     def _describe(self, trainer: L.Trainer) -> dict[str, float]:
-        out = {
-            "adaptive_batch/batch_size": float(self.batch_size),
-            "adaptive_batch/micro_batch_size": float(self.micro_batch_size),
-            "adaptive_batch/accumulation": float(self.accumulation),
-        }
-        if trainer.optimizers:
-            lr = trainer.optimizers[0].param_groups[0]["lr"]
-            out["adaptive_batch/lr"] = float(lr)
-        res = self.controller.last_result if self.controller is not None else None
-        if res is not None:  # the latest test (run every check_every_n_steps steps)
-            out["adaptive_batch/test_statistic"] = min(res.statistic, 1e30)
-            out["adaptive_batch/required_batch_size"] = min(res.required_batch_size, 1e30)
-        return out
+        # the same keys as the HF twin (lit_optim.functional.log_keys)
+        return adaptive_batch_logs(
+            batch_size=self.batch_size,
+            micro_batch_size=self.micro_batch_size,
+            accumulation=self.accumulation,
+            lr_factor=self.controller.lr_factor,
+            lr=trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None,
+            result=self.controller.last_result,  # the latest test (run every check_every_n_steps steps)
+        )
 
     def _grow(self, trainer: L.Trainer, micro: int, accumulation: int) -> None:
         old = self.batch_size
@@ -539,8 +625,20 @@ class AdaptiveBatchSizeCallback(Callback):
             }
         )
 
+    @staticmethod
+    def _epoch_finished(trainer: L.Trainer) -> bool:
+        """Whether the training epoch really ended. Lightning also calls ``on_train_epoch_end`` when
+        ``max_steps`` (or ``should_stop``) ends the fit in the middle of an epoch, and a resumed
+        run then continues that epoch: applying an epoch-boundary growth there would misalign the
+        accumulation windows (or rebuild the loader) of the rest of the epoch."""
+        loop = trainer.fit_loop.epoch_loop
+        fn = getattr(loop, "_num_ready_batches_reached", None)
+        if fn is not None:
+            return bool(fn())
+        return bool(loop.batch_progress.is_last_batch)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.controller is None:
+        if self.controller is None or not self._epoch_finished(trainer):
             return
         micro, acc = self.micro_batch_size, self.accumulation
         if self.pending_accumulation is not None and self.pending_accumulation > acc:

@@ -8,17 +8,19 @@ Mikolov & Bengio, ICML 2013. The maths lives in :class:`lit_optim.functional.gra
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from ..functional.grad_stats import MedianClipper
+from ..functional.log_keys import grad_clip_logs
+from ..functional.median import MedianClipper
 
 __all__ = ["GradClipMedianCallback"]
 
-_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+# FSDP1 and DeepSpeed hand the callback flattened local shards; FSDP2 (ModelParallelStrategy +
+# fully_shard) hands DTensors, whose global norm MedianClipper reduces over the shards
+_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
 
 
 def _log_metrics(trainer: L.Trainer, metrics: dict[str, float]) -> None:
@@ -52,9 +54,11 @@ class GradClipMedianCallback(Callback):
 
     It replaces Lightning's built-in clipping, so it refuses ``Trainer(gradient_clip_val=...)``:
     Lightning would clip a second time, after this callback. Under DDP every rank holds the same
-    averaged gradient, so every rank computes the same norm, median and threshold. Sharded
-    strategies (FSDP, DeepSpeed, model parallel), where each rank holds only part of the
-    gradient, are not supported.
+    averaged gradient, so every rank computes the same norm, median and threshold. Under FSDP2
+    (``ModelParallelStrategy`` with ``fully_shard``) the gradients are DTensor shards: the global
+    norm is reduced over the shards (one scalar all-reduce), so it equals the one-process norm and
+    every rank clips alike; coordinate modes work on the local shards. FSDP1 (``FSDPStrategy``)
+    and DeepSpeed, which hand over flattened shards, are not supported.
 
     Logs, straight to the Trainer's loggers on rank 0 (every ``trainer.log_every_n_steps`` steps,
     to keep the cost per step small):
@@ -150,18 +154,8 @@ class GradClipMedianCallback(Callback):
         info = self.clippers[i].clip_(self._params(i, optimizer))
         self.last_info = info
         if self.log_stats and trainer.loggers and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
-            suffix = "" if i == 0 else f"_opt{i}"
-            out = {
-                f"grad_clip/grad_norm{suffix}": info["grad_norm"],
-                f"grad_clip/clipped_fraction{suffix}": info["clipped_fraction"],
-            }
-            threshold = info["threshold"]
-            if self.mode in ("coordinate", "constant_coordinate"):
-                threshold = self.clippers[i].mean_threshold()  # mean over coordinates, computed only here
-                out[f"grad_clip/clipped_coord_fraction{suffix}"] = info["clipped_coord_fraction"]
-            if not math.isnan(threshold):
-                out[f"grad_clip/threshold{suffix}"] = threshold
-            _log_metrics(trainer, {k: v for k, v in out.items() if math.isfinite(v)})
+            # the same keys as the HF twin (lit_optim.functional.log_keys)
+            _log_metrics(trainer, grad_clip_logs(info, self.clippers[i], "" if i == 0 else f"_opt{i}"))
 
     def state_dict(self) -> dict[str, Any]:
         return {"clippers": [c.state_dict() for c in self.clippers]}

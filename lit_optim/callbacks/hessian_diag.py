@@ -20,6 +20,7 @@ from ..curvature.distributed import all_reduce_mean
 from ..curvature.eigen import top_hessian_eigenvalue
 from ..curvature.gnb import gnb_diagonal
 from ..curvature.hutchinson import hutchinson_diagonal
+from ..curvature.sharded import ShardedDoubleBackwardError, any_sharded, stashed_grads, sum_over_shards
 from ..functional.hutchinson import PROBE_DISTRIBUTIONS, DoubleBackwardError, make_generator, probe_seed
 
 __all__ = ["ESTIMATORS", "HessianDiagCallback"]
@@ -141,7 +142,13 @@ class HessianDiagCallback(Callback):
     RNG is not consumed). With float16 AMP the estimator's loss is multiplied by the GradScaler's
     scale and the estimate divided by it; an estimate that is not finite is skipped with a warning
     (``skipped_estimates``). Under DDP each process estimates on its own batch and the estimates
-    are averaged (one ``all_reduce``), so all processes apply the same curvature. With gradient
+    are averaged (one ``all_reduce``), so all processes apply the same curvature. Under FSDP2
+    (``ModelParallelStrategy`` with ``fully_shard``) only ``estimator="gnb"`` runs: the estimate
+    is taken on the shards from the gradient of the *global* batch (one ``backward()`` per sample,
+    the training gradients put aside meanwhile; see :mod:`lit_optim.curvature.sharded`), which is
+    what one process would compute on that batch. Hutchinson and ``log_top_eigenvalue`` need a
+    double backward, which cannot run through ``fully_shard``: they raise
+    :class:`~lit_optim.curvature.sharded.ShardedDoubleBackwardError` when training starts. With gradient
     accumulation the estimate is taken once per optimizer step, on the last micro-batch.
 
     **Logged** (``self.log`` on estimate steps, also kept in :attr:`last_stats`):
@@ -232,6 +239,7 @@ class HessianDiagCallback(Callback):
         self._done_step: int | None = None
         self._log_clip_after_step = False
         self._eigvec: list[Tensor | None] | None = None
+        self._sharded = False
 
     # -- policy ---------------------------------------------------------------------------------
 
@@ -255,7 +263,8 @@ class HessianDiagCallback(Callback):
             raise ValueError(
                 f"HessianDiagCallback: the optimizers prefer different estimators {sorted(prefs)}; pass estimator="
             )
-        return prefs.pop() if prefs else "hutchinson"
+        # FSDP2 (sharded parameters): only GNB can run, so monitoring alone uses it
+        return prefs.pop() if prefs else ("gnb" if self._sharded else "hutchinson")
 
     def _params(self, trainer: pl.Trainer) -> list[Tensor]:
         opts = self._consumers(trainer) or list(trainer.optimizers)
@@ -334,7 +343,7 @@ class HessianDiagCallback(Callback):
         diag: list[Tensor | None] = []
         for s in dict.fromkeys(scales):
             gen = make_generator(seed, device)
-            with self._context(trainer, seed, device):
+            with self._context(trainer, seed, device), self._stash(pl_module, params):
                 if estimator == "gnb":
                     logits, mask = self._logits_and_mask(pl_module, batch)
                     diag = gnb_diagonal(logits, params, self.n_probes, gen, mask=mask, loss_scale=s)
@@ -347,6 +356,14 @@ class HessianDiagCallback(Callback):
             if s == 1.0 or all(d is None or bool(torch.isfinite(d).all()) for d in diag):
                 break
         return diag
+
+    @staticmethod
+    def _stash(pl_module: pl.LightningModule, params: Sequence[Tensor]) -> contextlib.AbstractContextManager:
+        """Under FSDP2 the estimate runs ``backward()`` (see :mod:`lit_optim.curvature.sharded`):
+        the training gradients of every parameter are put aside meanwhile and restored after."""
+        if not any_sharded(params):
+            return contextlib.nullcontext()
+        return stashed_grads(list(pl_module.parameters()))
 
     def _top_eigenvalue(self, trainer, pl_module, batch, params) -> float:
         seed = probe_seed(self.seed + 1, trainer.global_step, trainer.global_rank)
@@ -371,13 +388,14 @@ class HessianDiagCallback(Callback):
     # -- hooks ----------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+        from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
-        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)):
             raise TypeError(
-                f"HessianDiagCallback supports single-device and DDP strategies (ddp, ddp_spawn, ddp_fork); got "
-                f"{type(trainer.strategy).__name__}. Sharded strategies (FSDP, DeepSpeed) hold no full parameters to "
-                "differentiate."
+                f"HessianDiagCallback supports single-device, DDP (ddp, ddp_spawn, ddp_fork) and FSDP2 "
+                f"(ModelParallelStrategy with fully_shard; estimator='gnb') strategies; got "
+                f"{type(trainer.strategy).__name__}. FSDP1 (FSDPStrategy) and DeepSpeed hold flattened shards, not "
+                "parameters to differentiate."
             )
         if not pl_module.automatic_optimization:
             rank_zero_warn(
@@ -386,6 +404,24 @@ class HessianDiagCallback(Callback):
             )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sharded = any_sharded(pl_module.parameters())
+        if self._sharded:
+            what = None
+            if self.log_top_eigenvalue:
+                what = "HessianDiagCallback(log_top_eigenvalue=True)"
+            elif self.resolved_estimator(trainer) == "hutchinson":
+                what = "HessianDiagCallback(estimator='hutchinson')"
+                if self.estimator is None:
+                    what += " (the default of " + ", ".join(type(o).__name__ for o in self._consumers(trainer)) + ")"
+            if what is not None:
+                raise ShardedDoubleBackwardError(
+                    f"{what} needs Hessian-vector products (a double backward through the gradient), which cannot run "
+                    "through FSDP2's fully_shard: the parameters are sharded DTensors that torch.autograd.grad does "
+                    "not reach, and FSDP2's reduce-scattered gradients carry no graph. Pass estimator='gnb' (the "
+                    "Gauss-Newton-Bartlett estimate: one ordinary backward, computed on the shards from the "
+                    "global-batch gradient; it also feeds AdaHessian) and log_top_eigenvalue=False, or train without "
+                    "sharding (single device or DDP) to use Hutchinson."
+                )
         consumers = self._consumers(trainer)
         for opt in consumers:
             mark = getattr(opt, "expect_external_hessian", None)
@@ -421,11 +457,15 @@ class HessianDiagCallback(Callback):
         distributed = trainer.world_size > 1
         if distributed:
             local = [torch.zeros_like(p) if d is None else d for p, d in zip(params, local)]
-        diag = all_reduce_mean(local)
+        # FSDP2: the sharded GNB estimate is already that of the global batch, agreed on every rank
+        diag = local if self._sharded else all_reduce_mean(local)
         present = [d for d in diag if d is not None]
         if not present:
             return
-        total = torch.stack([d.detach().float().sum().to(present[0].device) for d in present]).sum()
+        if self._sharded:
+            total = sum_over_shards(present)
+        else:
+            total = torch.stack([d.detach().float().sum().to(present[0].device) for d in present]).sum()
         if not bool(torch.isfinite(total)):
             self.skipped_estimates += 1
             rank_zero_warn(

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler
 
 from ..functional.continual_metrics import StabilityGapReport, StabilityGapTracker
+from ..functional.log_keys import stability_eval_logs, stability_task_end_logs
 
 __all__ = ["StabilityGapEvaluator"]
 
@@ -76,7 +77,10 @@ class StabilityGapEvaluator(StabilityGapReport, Callback):
 
     **Output.** Logged to the Trainer's loggers (TensorBoard by default) at the cumulative
     iteration: ``{prefix}/acc_task{k}``, ``{prefix}/avg_acc``, ``{prefix}/min_acc``,
-    ``{prefix}/wc_acc``; at task switches ``{prefix}/wf{w}`` and the gap rows. :meth:`plot` writes a
+    ``{prefix}/wc_acc``; when a task ends (at the switch to the next task, and for the last task at
+    the end of the fit) ``{prefix}/wf{w}`` and the gap rows
+    ``{prefix}/gap_task{k}_at_task{t}/depth|steps_to_min|steps_to_recover``: the keys of the HF
+    twin (:mod:`lit_optim.functional.log_keys`). :meth:`plot` writes a
     PNG of per-task accuracy over iterations with task boundaries marked; :meth:`table` a Markdown
     summary, printed at the end of each fit (``verbose``) and added to TensorBoard as text.
     ``state_dict`` holds the whole history, so a resumed run continues it.
@@ -148,6 +152,7 @@ class StabilityGapEvaluator(StabilityGapReport, Callback):
         self._fit_count = -1  # automatic task index: one task per fit
         self._restored = False
         self._last_eval: int | None = None
+        self._task_end_logged: tuple[int, int] | None = None
         self._last_step_seen = -1
         self._provisional: int | None = None  # step of an end-of-fit evaluation
         self._metrics: list[Any] | None = None
@@ -212,6 +217,10 @@ class StabilityGapEvaluator(StabilityGapReport, Callback):
         if self._last_eval != self.iteration:
             self._evaluate(trainer, pl_module)
             self._provisional = self.iteration
+        if self.tracker.current_task is not None:
+            # the last task has no switch after it: its gap rows and the forgetting during it
+            # are logged now (a later switch at this iteration does not log them again)
+            self._log_task_end(trainer, self.tracker.current_task)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
@@ -305,30 +314,16 @@ class StabilityGapEvaluator(StabilityGapReport, Callback):
         for task, acc in accs.items():
             self.tracker.record(step, task, acc)
         self._last_eval = step
-        metrics = {f"{self.log_prefix}/acc_task{t}": a for t, a in accs.items()}
-        for name, value in (
-            ("avg_acc", self.tracker.avg_acc(step)),
-            ("min_acc", self.tracker.min_acc(step)),
-            ("wc_acc", self.tracker.wc_acc(step)),
-        ):
-            if value is not None:
-                metrics[f"{self.log_prefix}/{name}"] = value
-        self._log(trainer, metrics, step)
+        self._log(trainer, stability_eval_logs(self.log_prefix, self.tracker, step, accs), step)
 
     def _log_task_end(self, trainer: pl.Trainer, finished: int) -> None:
-        metrics: dict[str, float] = {}
-        for w in self.tracker.windows:
-            v = self.tracker.windowed_forgetting(w)
-            if v is not None:
-                metrics[f"{self.log_prefix}/wf{w}"] = v
-        for g in self.tracker.gaps():
-            if g["switch_to"] == finished:
-                key = f"{self.log_prefix}/gap_task{g['task']}_at_task{finished}"
-                metrics[f"{key}/depth"] = g["depth"]
-                metrics[f"{key}/steps_to_min"] = float(g["steps_to_min"])
-                if g["steps_to_recover"] is not None:
-                    metrics[f"{key}/steps_to_recover"] = float(g["steps_to_recover"])
-        self._log(trainer, metrics, self.iteration)
+        """Windowed forgetting and the gap rows of the switch into ``finished``, once per
+        (task, iteration): at the switch to the next task, or at the end of a fit (the last task,
+        or a fit stopped inside a task)."""
+        if self._task_end_logged == (finished, self.iteration):
+            return
+        self._task_end_logged = (finished, self.iteration)
+        self._log(trainer, stability_task_end_logs(self.log_prefix, self.tracker, finished), self.iteration)
 
     def _log(self, trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
         if not metrics:

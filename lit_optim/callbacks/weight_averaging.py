@@ -22,20 +22,20 @@ from lightning.pytorch.callbacks import ProgressBar, WeightAveraging
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from ..functional.averaging import MultiEMA, _check_decays, _is_dtensor, average_state_dicts, init_fingerprint
+from .._validation import check_positive_int
+from ..functional.averaging import (
+    MultiEMA,
+    _check_decays,
+    _is_dtensor,
+    average_state_dicts,
+    init_fingerprint,
+    resolve_average,
+)
 
 __all__ = ["WeightAveragingCallback", "average_checkpoints", "extract_average"]
 
 _EVALUATE_WITH = ("average", "both", "primary", "raw")
 _DCP_PREFIX = "_lit_optim_average"
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 class WeightAveragingCallback(WeightAveraging):
@@ -104,7 +104,9 @@ class WeightAveragingCallback(WeightAveraging):
         every_n_epochs: if set, update at the end of every n-th epoch instead of after steps.
         start_epoch: with ``every_n_epochs``, the first epoch (zero-based) that updates.
         evaluate_with: ``"average"`` (default), ``"both"``, ``"primary"`` or ``"raw"``.
-        primary: which average is primary: index, decay value or label (default 0).
+        primary: which average is primary: index, decay value or label (default None: the first).
+            A whole-number float that is not a decay is read as an index (a config file or the
+            command line may turn ``0`` into ``0.0``).
         use_buffers: average floating buffers too (default True).
         device: where to keep the averages (default: with the weights).
         dtype: floating dtype of the averages (default: the weights' dtype).
@@ -122,7 +124,7 @@ class WeightAveragingCallback(WeightAveraging):
         every_n_epochs: int | None = None,
         start_epoch: int = 0,
         evaluate_with: str = "average",
-        primary: float | str = 0,
+        primary: int | float | str | None = None,  # noqa: PYI041 (int first: jsonargparse keeps 0 an int)
         use_buffers: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -138,10 +140,12 @@ class WeightAveragingCallback(WeightAveraging):
         self.decays: tuple[float, ...] = (
             () if kind == "uniform" else _check_decays((0.999,) if decays is None else decays)
         )
-        self.start_step = _check_int("start_step", start_step, 0)
-        self.every_n_steps = _check_int("every_n_steps", every_n_steps, 1)
-        self.every_n_epochs = None if every_n_epochs is None else _check_int("every_n_epochs", every_n_epochs, 1)
-        self.start_epoch = _check_int("start_epoch", start_epoch, 0)
+        self.start_step = check_positive_int("start_step", start_step, 0)
+        self.every_n_steps = check_positive_int("every_n_steps", every_n_steps, 1)
+        self.every_n_epochs = (
+            None if every_n_epochs is None else check_positive_int("every_n_epochs", every_n_epochs, 1)
+        )
+        self.start_epoch = check_positive_int("start_epoch", start_epoch, 0)
         if evaluate_with not in _EVALUATE_WITH:
             raise ValueError(f"evaluate_with must be one of {list(_EVALUATE_WITH)}, got {evaluate_with!r}")
         self.evaluate_with = evaluate_with
@@ -151,7 +155,7 @@ class WeightAveragingCallback(WeightAveraging):
         self.write_at_end = bool(write_at_end)
         self.record_init = bool(record_init)
         self.labels = [f"ema_{d:g}" for d in self.decays] if kind == "ema" else ["uniform"]
-        self.primary = self._resolve(primary)
+        self.primary = resolve_average(primary, self.decays, self.labels)
 
         self._ema: MultiEMA | None = None
         self._pending: dict[str, Any] | None = None
@@ -167,22 +171,7 @@ class WeightAveragingCallback(WeightAveraging):
     def _resolve(self, which: float | str | None) -> int:
         if which is None:
             return self.primary
-        n = len(self.labels)
-        if isinstance(which, bool):
-            raise TypeError(f"average must be an index, a decay or a label, got {which!r}")
-        if isinstance(which, int):
-            if not -n <= which < n:
-                raise ValueError(f"average index must be in [0, {n}), got {which}")
-            return which % n
-        if isinstance(which, float):
-            if which in self.decays:
-                return self.decays.index(which)
-            raise ValueError(f"no average with decay {which}; decays are {self.decays}")
-        if isinstance(which, str):
-            if which in self.labels:
-                return self.labels.index(which)
-            raise ValueError(f"no average labelled {which!r}; labels are {self.labels}")
-        raise TypeError(f"average must be an index, a decay or a label, got {type(which).__name__}")
+        return resolve_average(which, self.decays, self.labels)
 
     @property
     def state_key(self) -> str:
@@ -569,20 +558,8 @@ def extract_average(
     labels = state.get("labels") or [f"ema_{d:g}" for d in avg["decays"]] or ["uniform"]
     if which is None:
         k = int(state.get("primary", 0))
-    elif isinstance(which, bool):
-        raise TypeError(f"which must be an index, a decay or a label, got {which!r}")
-    elif isinstance(which, int):
-        if not 0 <= which < len(labels):
-            raise ValueError(f"average index must be in [0, {len(labels)}), got {which}")
-        k = which
-    elif isinstance(which, float):
-        if which not in avg["decays"]:
-            raise ValueError(f"no average with decay {which}; decays are {tuple(avg['decays'])}")
-        k = list(avg["decays"]).index(which)
     else:
-        if which not in labels:
-            raise ValueError(f"no average labelled {which!r}; labels are {labels}")
-        k = labels.index(which)
+        k = resolve_average(which, tuple(avg["decays"]), labels)
     sd = dict(ckpt["state_dict"])
     if int(avg["n_averaged"]) == 0:
         rank_zero_warn(f"{name}: the averages were never updated; returning the raw weights")

@@ -7,6 +7,9 @@
 * :func:`top_hessian_eigenvalue`: power iteration.
 * :func:`block_average`: ADAHESSIAN's spatial / block averaging.
 * :func:`all_reduce_mean`: average estimates over DDP processes.
+* FSDP2 (DTensor parameters): :func:`gnb_diagonal` runs on the shards (see
+  :mod:`lit_optim.curvature.sharded`); the double-backward estimators raise
+  :class:`ShardedDoubleBackwardError`.
 
 The Lightning side is :class:`lit_optim.callbacks.HessianDiagCallback`; the consumers are
 :class:`lit_optim.Sophia` and :class:`lit_optim.AdaHessian` (``optimizer.update_hessian(...)``).
@@ -18,10 +21,12 @@ from .distributed import all_reduce_mean, world_size
 from .eigen import EigenResult, top_hessian_eigenvalue
 from .gnb import gnb_diagonal
 from .hutchinson import hutchinson_diagonal, hutchinson_trace
+from .sharded import ShardedDoubleBackwardError
 
 __all__ = [
     "DoubleBackwardError",
     "EigenResult",
+    "ShardedDoubleBackwardError",
     "all_reduce_mean",
     "block_average",
     "gnb_diagonal",

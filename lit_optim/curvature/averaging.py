@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..optim._dtensor import is_dtensor
+
 __all__ = ["block_average"]
 
 
@@ -22,9 +24,15 @@ def block_average(diag: Tensor, block_size: int = 1, spatial: bool = True) -> Te
       ``block_size`` entries along the last dimension (the last block may be shorter).
     * otherwise the estimate is returned unchanged (``block_size=1``: the estimate enters
       ADAHESSIAN squared, so its sign is irrelevant).
+
+    A DTensor estimate (FSDP2) is averaged on its local shard when no averaged dimension is
+    sharded (``Shard(0)`` of a kernel or of a matrix); otherwise it is gathered, averaged and cut
+    back to the local shard, so the result always equals the one-process average.
     """
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+    if is_dtensor(diag):
+        return _block_average_dtensor(diag, block_size, spatial)
     if spatial and diag.dim() >= 3:
         dims = tuple(range(2, diag.dim()))
         return diag.abs().mean(dim=dims, keepdim=True).expand_as(diag).clone()
@@ -41,3 +49,22 @@ def block_average(diag: Tensor, block_size: int = 1, spatial: bool = True) -> Te
         tail = x[..., full:]
         parts.append(tail.mean(-1, keepdim=True).expand_as(tail))
     return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0].contiguous()
+
+
+def _block_average_dtensor(diag: Tensor, block_size: int, spatial: bool) -> Tensor:
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    if spatial and diag.dim() >= 3:
+        averaged = set(range(2, diag.dim()))
+    elif block_size > 1 and diag.dim() >= 1 and diag.numel():
+        averaged = {diag.dim() - 1}
+    else:
+        return diag
+    sharded = {pl.dim for pl in diag.placements if isinstance(pl, Shard)}
+    if not sharded & averaged:
+        out = block_average(diag.to_local(), block_size, spatial)
+        return DTensor.from_local(
+            out, diag.device_mesh, diag.placements, run_check=False, shape=diag.shape, stride=diag.stride()
+        )
+    out = block_average(diag.full_tensor(), block_size, spatial)
+    return distribute_tensor(out, diag.device_mesh, diag.placements, src_data_rank=None)

@@ -16,6 +16,13 @@ two ways:
   backward through the gradient, freed right after; no ``backward(create_graph=True)``), in between
   only the gradient. Gradients are accumulated into ``.grad`` as ``backward()`` would.
 
+Under FSDP2 (DTensor parameters) only the external mode works: estimate with
+:func:`lit_optim.curvature.gnb_diagonal`, which runs on the shards, and pass its DTensors (or
+full-shape regular tensors, cut to the local shard without communication) to
+``update_hessian``. Closure mode needs ``torch.autograd.grad`` to reach the parameters and a double
+backward, neither of which runs through ``fully_shard``; it raises
+:class:`~lit_optim.curvature.sharded.ShardedDoubleBackwardError`.
+
 The mode is kept in every parameter group under ``"external_hessian"`` (saved by ``state_dict``);
 :meth:`HessianConsumer.update_hessian` and :meth:`HessianConsumer.expect_external_hessian` set it.
 """
@@ -36,7 +43,10 @@ from ..functional.hutchinson import (
     probe_like,
     probe_seed,
 )
+from ..optim import _dtensor
 from ..optim._base import LitOptimizer, NonFiniteGradientError, check_choice, check_positive_int
+from ..optim._precision import state_dtype
+from .sharded import refuse_sharded_double_backward
 
 __all__ = ["HessianConsumer", "is_hessian_consumer"]
 
@@ -160,7 +170,32 @@ class HessianConsumer(LitOptimizer):
                     f"{name}.update_hessian: estimate {i} has shape {tuple(d.shape)}, its parameter has shape "
                     f"{tuple(p.shape)}"
                 )
-        return pairs
+        return [(p, self._like_param(p, d, i)) for i, (p, d) in enumerate(pairs)]
+
+    def _like_param(self, p: Tensor, d: Tensor, i: int) -> Tensor:
+        """An estimate laid out like its parameter: a DTensor estimate must have the parameter's
+        mesh and placements; a regular tensor of the full shape given for a DTensor parameter
+        (FSDP2) is cut to this rank's shard locally, without communication."""
+        name = type(self).__name__
+        if _dtensor.is_dtensor(p):
+            if _dtensor.is_dtensor(d):
+                if tuple(d.placements) != tuple(p.placements) or d.device_mesh != p.device_mesh:
+                    raise ValueError(
+                        f"{name}.update_hessian: estimate {i} is {_dtensor.describe_placements(d)}, its parameter "
+                        f"{_dtensor.describe_placements(p)}; they must match"
+                    )
+                return d
+            from torch.distributed.tensor import distribute_tensor
+
+            return distribute_tensor(
+                d.detach().to(device=_dtensor.local(p).device), p.device_mesh, p.placements, src_data_rank=None
+            )
+        if _dtensor.is_dtensor(d):
+            raise ValueError(
+                f"{name}.update_hessian: estimate {i} is {_dtensor.describe_placements(d)} but its parameter is a "
+                "regular tensor"
+            )
+        return d
 
     def _group_of(self) -> dict[int, dict[str, Any]]:
         return {id(p): g for g in self.param_groups for p in g["params"]}
@@ -170,19 +205,19 @@ class HessianConsumer(LitOptimizer):
             return
         groups = self._group_of()
         if any(groups[id(p)]["nonfinite"] != "ignore" for p, _ in pairs):
-            flat = [d for _, d in pairs if d.numel()]
-            finite = True
-            if flat:
-                norms = torch.stack([n.float().to(flat[0].device) for n in torch._foreach_norm(flat)])
-                finite = bool(torch.isfinite(norms.sum()))
+            # agreed over the shards of DTensor estimates: every rank applies or refuses together
+            finite = _dtensor.all_finite([d for _, d in pairs])
             if not finite:
                 if all(groups[id(p)]["nonfinite"] != "raise" for p, _ in pairs):
                     self.skipped_hessian_updates += 1
                     return
-                bad = next(p for p, d in pairs if d.numel() and not bool(torch.isfinite(d).all()))
+                bad = next(
+                    (p for p, d in pairs if d.numel() and not bool(torch.isfinite(_dtensor.local(d)).all())), None
+                )
+                where = f"the parameter of shape {tuple(bad.shape)}" if bad is not None else "a shard on another rank"
                 raise NonFiniteGradientError(
-                    f"{type(self).__name__}.update_hessian: non-finite Hessian estimate (NaN or Inf) for the parameter "
-                    f"of shape {tuple(bad.shape)}; nothing was applied. Check the estimator's loss for overflow, or pass "
+                    f"{type(self).__name__}.update_hessian: non-finite Hessian estimate (NaN or Inf) for {where}; "
+                    "nothing was applied. Check the estimator's loss for overflow, or pass "
                     "nonfinite='skip' to drop such estimates."
                 )
         for p, d in pairs:
@@ -191,7 +226,8 @@ class HessianConsumer(LitOptimizer):
             if "step" not in state:
                 state["step"] = 0
                 self._init_state(p, state, group)
-            self._apply_hessian(group, p, state, d.detach().to(device=p.device, dtype=p.dtype))
+            # in the dtype of the optimizer state (float32 for float16/bfloat16 parameters)
+            self._apply_hessian(group, p, state, d.detach().to(device=p.device, dtype=state_dtype(p)))
 
     def _current_step(self) -> int:
         return max((int(st.get("step", 0)) for st in self.state.values()), default=0)
@@ -218,6 +254,9 @@ class HessianConsumer(LitOptimizer):
     def _estimate_from_loss(self, loss: Any) -> None:
         name = type(self).__name__
         params = [p for p in self.hessian_params() if p.requires_grad]
+        # FSDP2: torch.autograd.grad does not reach sharded parameters (it would return None, and the
+        # step would silently do nothing), and no double backward runs through fully_shard
+        refuse_sharded_double_backward(params, f"{name}.step(closure) in closure mode")
         group0 = self.param_groups[0]
         step = self._current_step()
         refresh = step % group0["update_period"] == 0

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..functional.hutchinson import differentiable_grads, hessian_vector_product
+from .sharded import refuse_sharded_double_backward
 
 __all__ = ["EigenResult", "top_hessian_eigenvalue"]
 
@@ -100,6 +101,7 @@ def top_hessian_eigenvalue(
     if which not in ("largest", "magnitude"):
         raise ValueError(f"which must be 'largest' or 'magnitude', got {which!r}")
     params = list(params)
+    refuse_sharded_double_backward(params, "top_hessian_eigenvalue")
     grads = differentiable_grads(loss * loss_scale if loss_scale != 1.0 else loss, params)
     if all(g is None or not g.requires_grad for g in grads):
         raise ValueError("the gradient does not depend on the parameters: no Hessian-vector product can be taken")

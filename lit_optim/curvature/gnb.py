@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..functional.hutchinson import sample_labels
+from .sharded import any_sharded, sharded_gnb_diagonal
 
 __all__ = ["LIKELIHOODS", "gnb_diagonal"]
 
@@ -51,6 +52,17 @@ def gnb_diagonal(
       :math:`\tfrac12\lVert f - \hat y\rVert^2` summed over the last dimension and averaged over
       the :math:`N` rows (scale the result if your loss is scaled differently).
 
+    **FSDP2** (``fully_shard``; ``params`` are DTensors): ``torch.autograd.grad`` does not reach
+    sharded parameters, so each sample runs one ``backward()`` instead; FSDP2 reduce-scatters it
+    into ``param.grad`` (the gradient the caller had there is put back afterwards) and the estimate
+    is taken on the local shards, with :math:`N` and :math:`\nabla \hat L` over the *global* batch
+    (all ranks' outputs): the estimate one process would compute on the global batch with the same
+    sampled labels. It is returned as DTensors laid out like the parameters, ready for
+    ``optimizer.update_hessian``. Call it on every rank, with every parameter that receives a
+    gradient in ``params`` (their ``.grad`` is restored; see
+    :func:`lit_optim.curvature.sharded.stashed_grads` for others). 1-D meshes only (see
+    :mod:`lit_optim.curvature.sharded`).
+
     Args:
         logits: model outputs with their graph.
         params: the parameters; the result is aligned with them.
@@ -81,19 +93,15 @@ def gnb_diagonal(
         if tuple(mask.shape) != tuple(logits.shape[:-1]):
             raise ValueError(f"mask must have shape {tuple(logits.shape[:-1])}, got {tuple(mask.shape)}")
         flat = flat[mask.reshape(-1).to(torch.bool)]
+    if any_sharded(params):  # FSDP2: one backward per sample; a rank may hold no outputs
+        return _gnb_sharded(flat, params, n_samples, generator, loss_scale, likelihood)
     n = flat.shape[0]
     if n == 0:
         raise ValueError("gnb_diagonal: no outputs to sample labels for (empty logits or all-False mask)")
     diag: list[Tensor | None] | None = None
     with torch.enable_grad():
         for s in range(n_samples):
-            if likelihood == "categorical":
-                y = sample_labels(flat, generator)
-                loss = F.cross_entropy(flat, y, reduction="sum") / n
-            else:
-                noise = torch.randn(flat.shape, generator=generator, device=flat.device, dtype=flat.dtype)
-                target = flat.detach() + noise
-                loss = 0.5 * (flat - target).pow(2).sum() / n
+            loss = _sampled_loss_sum(flat, generator, likelihood) / n
             if loss_scale != 1.0:
                 loss = loss * loss_scale
             grads = torch.autograd.grad(loss, params, retain_graph=s + 1 < n_samples, allow_unused=True)
@@ -111,4 +119,29 @@ def gnb_diagonal(
         for d in diag:
             if d is not None:
                 d.mul_(factor)
+    return diag
+
+
+def _sampled_loss_sum(flat: Tensor, generator: torch.Generator | None, likelihood: str) -> Tensor:
+    """The loss against labels sampled from the model's own predictive distribution, summed over
+    the rows of ``flat``."""
+    if likelihood == "categorical":
+        y = sample_labels(flat, generator)
+        return F.cross_entropy(flat, y, reduction="sum")
+    noise = torch.randn(flat.shape, generator=generator, device=flat.device, dtype=flat.dtype)
+    target = flat.detach() + noise
+    return 0.5 * (flat - target).pow(2).sum()
+
+
+def _gnb_sharded(flat, params, n_samples, generator, loss_scale, likelihood) -> list[Tensor | None]:
+    n = flat.shape[0]
+
+    def losses():
+        with torch.enable_grad():
+            for s in range(n_samples):
+                yield _sampled_loss_sum(flat, generator, likelihood), n, s + 1 < n_samples
+
+    diag = sharded_gnb_diagonal(losses(), params, n_samples, loss_scale)
+    if all(d is None for d in diag):
+        raise ValueError("gnb_diagonal: the logits do not depend on any of the given parameters")
     return diag

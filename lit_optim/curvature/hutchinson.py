@@ -19,6 +19,7 @@ from ..functional.hutchinson import (
     hessian_vector_product,
     probe_like,
 )
+from .sharded import refuse_sharded_double_backward
 
 __all__ = ["hutchinson_diagonal", "hutchinson_trace"]
 
@@ -89,9 +90,12 @@ def hutchinson_diagonal(
     Raises:
         lit_optim.functional.hutchinson.DoubleBackwardError: an op on the path (e.g. fused
             scaled-dot-product attention) has no double backward; the message names the fixes.
+        lit_optim.curvature.sharded.ShardedDoubleBackwardError: the parameters are FSDP2 / DTensor
+            shards, through which no double backward can run (use :func:`gnb_diagonal` there).
     """
     _check_common(n_probes, "n_probes", distribution, loss_scale)
     params = list(params)
+    refuse_sharded_double_backward(params, "hutchinson_diagonal")
     grads = _grads_with_graph(loss, params, loss_scale)
     diag: list[Tensor | None] = [None if g is None else torch.zeros_like(p) for g, p in zip(grads, params)]
     for s in range(n_probes):

@@ -3,6 +3,9 @@
 from .averaging import MultiEMA, average_state_dicts, check_shared_init, init_fingerprint, weight_similarity
 from .continual_metrics import StabilityGapTracker
 from .dct import dct_basis, dct_indices
+# gradient statistics: one module per concern (grad_stats re-exports them all); log_keys names
+# what the Lightning callbacks and their HF twins log
+from . import batch_size, log_keys, median, per_example, sampling_tests
 from .grad_stats import (
     BatchSizeController,
     GradSampleAccumulator,
@@ -68,7 +71,7 @@ __all__ = [
     "cosh_rms_normalize",
     "multi_normalize",
     "sinkhorn_normalize",
-    # gradient statistics (issue 6): functional/grad_stats.py
+    # gradient statistics (issue 6): functional/per_example.py, sampling_tests.py, batch_size.py, median.py
     "BatchSizeController",
     "GradSampleAccumulator",
     "GradSampleStats",

@@ -30,14 +30,53 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn, get_swa_multi_avg_fn
 
 __all__ = [
+    "AverageIndexError",
     "MultiEMA",
     "average_state_dicts",
     "check_shared_init",
     "init_fingerprint",
+    "resolve_average",
     "weight_similarity",
 ]
 
 _KINDS = ("ema", "uniform")
+
+
+class AverageIndexError(IndexError, ValueError):
+    """An average index out of range (both an ``IndexError`` and a ``ValueError``)."""
+
+
+def resolve_average(which: float | str | None, decays: Sequence[float], labels: Sequence[str]) -> int:
+    """Position of an average named by an index (negative counts from the end), a decay value
+    (``0.999``) or a label (``"ema_0.999"``, ``"uniform"``); None names the first average.
+
+    A float that is not one of the decays but a whole number is read as an index: configuration
+    files and command-line parsers turn an index into a float (jsonargparse parses the ``0`` of a
+    ``float | str`` argument as ``0.0``), and a decay is never a whole number other than 0."""
+    n = len(labels)
+    if which is None:
+        return 0
+    if isinstance(which, bool):
+        raise TypeError(f"average must be an index, a decay or a label, got {which!r}")
+    if isinstance(which, float):
+        if which in decays:
+            return list(decays).index(which)
+        if not which.is_integer():
+            raise ValueError(f"no average with decay {which}; decays are {tuple(decays)}")
+        if not -n <= which < n:
+            raise ValueError(
+                f"no average with decay {which} and no average index {int(which)}; decays are {tuple(decays)}"
+            )
+        which = int(which)
+    if isinstance(which, int):
+        if not -n <= which < n:
+            raise AverageIndexError(f"average index must be in [0, {n}), got {which}")
+        return which % n
+    if isinstance(which, str):
+        if which in labels:
+            return list(labels).index(which)
+        raise ValueError(f"no average labelled {which!r}; labels are {list(labels)}")
+    raise TypeError(f"average must be an index, a decay or a label, got {type(which).__name__}")
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -170,23 +209,10 @@ class MultiEMA:
         """Names of the averages: ``ema_0.999`` per decay, or ``uniform``."""
         return [f"ema_{d:g}" for d in self.decays] if self.kind == "ema" else ["uniform"]
 
-    def index(self, which: float | str) -> int:
-        """Position of an average given as an index, a decay value or a label."""
-        if isinstance(which, bool):
-            raise TypeError(f"which must be an int index, a decay or a label, got {which!r}")
-        if isinstance(which, int):
-            if not -self.num_averages <= which < self.num_averages:
-                raise IndexError(f"average index must be in [0, {self.num_averages}), got {which}")
-            return which % self.num_averages
-        if isinstance(which, float):
-            if which in self.decays:
-                return self.decays.index(which)
-            raise ValueError(f"no average with decay {which}; decays are {self.decays}")
-        if isinstance(which, str):
-            if which in self.labels:
-                return self.labels.index(which)
-            raise ValueError(f"no average labelled {which!r}; labels are {self.labels}")
-        raise TypeError(f"which must be an int index, a decay or a label, got {type(which).__name__}")
+    def index(self, which: float | str | None) -> int:
+        """Position of an average given as an index, a decay value or a label (None: the first);
+        see :func:`resolve_average`."""
+        return resolve_average(which, self.decays if self.kind == "ema" else (), self.labels)
 
     def _new_average(self, t: Tensor, is_float: bool) -> Tensor:
         dtype = self.dtype if (is_float and self.dtype is not None and not t.is_complex()) else t.dtype
@@ -286,7 +312,7 @@ class MultiEMA:
 
     # ------------------------------------------------------------------ using an average
     @torch.no_grad()
-    def swap_in(self, which: float | str = 0) -> None:
+    def swap_in(self, which: float | str | None = None) -> None:
         """Write average ``which`` into the module, keeping its own weights aside for :meth:`swap_out`.
 
         Before the first :meth:`update` the average is undefined and the module keeps its weights.
@@ -319,7 +345,7 @@ class MultiEMA:
         return self._loaded
 
     @contextlib.contextmanager
-    def swapped(self, which: float | str = 0) -> Iterator[None]:
+    def swapped(self, which: float | str | None = None) -> Iterator[None]:
         """``with ema.swapped(1): evaluate(model)``: average 1 in the module inside the block."""
         self.swap_in(which)
         try:
@@ -331,12 +357,12 @@ class MultiEMA:
         """The module's own (raw) local tensors while an average is swapped in, else None."""
         return self._stash
 
-    def is_finite(self, which: float | str = 0) -> bool:
+    def is_finite(self, which: float | str | None = None) -> bool:
         k = self.index(which)
         return all(bool(torch.isfinite(a).all()) for a, f in zip(self.averages[k], self._float) if f)
 
     @torch.no_grad()
-    def copy_to(self, which: float | str = 0) -> None:
+    def copy_to(self, which: float | str | None = None) -> None:
         """Write average ``which`` into the module for good (e.g. at the end of training).
 
         Raises ``ValueError`` (and writes nothing) if the average holds NaN/Inf, or if no update
@@ -350,7 +376,7 @@ class MultiEMA:
         for t, a in zip(self._current(), self.averages[k]):
             t.copy_(a)
 
-    def averaged_state_dict(self, which: float | str = 0) -> dict[str, Tensor]:
+    def averaged_state_dict(self, which: float | str | None = None) -> dict[str, Tensor]:
         """The module's ``state_dict()`` with average ``which`` in place of the tracked tensors.
 
         Under sharding the tracked entries hold this rank's local shards."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -66,7 +67,13 @@ def dct_cache_bytes() -> int:
 
 
 def dct_indices(
-    g: Tensor, r: int, side: str, norm: int = 1, basis: Tensor | None = None, dtype: torch.dtype | None = None
+    g: Tensor,
+    r: int,
+    side: str,
+    norm: int = 1,
+    basis: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Select the ``r`` DCT basis vectors most aligned with the ``(m, n)`` gradient matrix ``g``.
 
@@ -74,7 +81,10 @@ def dct_indices(
     the projected gradient (``Q[:, idx]^T G`` for ``"left"``, ``G Q[:, idx]`` for ``"right"``),
     read off the alignment product so that the selection step costs a single matrix product.
     ``dtype``: run that product in this dtype (e.g. ``torch.bfloat16``); the projected gradient is
-    returned in ``g``'s dtype.
+    returned in ``g``'s dtype. ``reduce``: for a ``g`` that holds only part of the kept side of the
+    matrix (a shard), a function summing the per-vector scores over all parts (an all-reduce): the
+    ``l1`` norms (or squared ``l2`` norms) of this part are reduced before the selection, so every
+    part selects the same vectors and returns its part of the projected gradient.
     """
     if norm not in (1, 2):
         raise ValueError(f"norm must be 1 or 2, got {norm!r}")
@@ -83,12 +93,15 @@ def dct_indices(
     if dtype is not None and dtype != g.dtype:
         g = g.to(dtype)
     q = basis.to(g.dtype) if basis is not None else dct_basis(d, g.dtype, g.device)
-    if side == "left":
-        s = q.t() @ g
-        scores = torch.linalg.vector_norm(s.float(), ord=norm, dim=1)
+    s = q.t() @ g if side == "left" else g @ q
+    dim = 1 if side == "left" else 0
+    if reduce is None:
+        scores = torch.linalg.vector_norm(s.float(), ord=norm, dim=dim)
     else:
-        s = g @ q
-        scores = torch.linalg.vector_norm(s.float(), ord=norm, dim=0)
+        part = s.float().abs().sum(dim) if norm == 1 else s.float().square().sum(dim)
+        scores = reduce(part)
+        if norm == 2:
+            scores = scores.sqrt()
     idx = torch.topk(scores, r, sorted=False).indices.sort().values
     proj = s.index_select(0 if side == "left" else 1, idx)
     return idx, proj.to(out_dtype)

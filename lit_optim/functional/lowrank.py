@@ -18,7 +18,8 @@ Basis rules (each is a function of the current gradient and, for the random ones
 that a run resumed from a checkpoint draws exactly the same subspaces):
 
 * :func:`svd_basis`: the top-``r`` singular vectors of ``G`` (GaLore), computed from the
-  eigen-decomposition of the ``d x d`` Gram matrix, several times faster on CPU than a full SVD.
+  eigen-decomposition of the ``d x d`` Gram matrix (:func:`gram`, :func:`basis_from_gram`),
+  several times faster on CPU than a full SVD.
 * :func:`random_basis`: a random orthonormal basis (QR of a Gaussian matrix).
 * :func:`random_indices`: ``r`` coordinates drawn uniformly without replacement (RandK).
 * :func:`topk_indices`: the ``r`` rows/columns of ``G`` with the largest norms.
@@ -28,12 +29,15 @@ that a run resumed from a checkpoint draws exactly the same subspaces):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "add_back_",
+    "basis_from_gram",
+    "gram",
     "lowrank_shape",
     "matrix_shape",
     "project",
@@ -143,24 +147,39 @@ def seeded_generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(h & 0x7FFFFFFFFFFFFFFF)
 
 
+def gram(g: Tensor, side: str) -> Tensor:
+    """The ``d x d`` Gram matrix of the projected side of the ``(m, n)`` matrix ``g``: ``G G^T``
+    (``"left"``) or ``G^T G`` (``"right"``), in float32 (float64 for float64 input). When the kept
+    side of ``G`` is split over several ranks, the Gram matrix of the whole matrix is the sum of the
+    ranks' Gram matrices (what the sharded path of the optimizers reduces)."""
+    work = g.detach().to(torch.float64 if g.dtype == torch.float64 else torch.float32)
+    return work @ work.t() if side == "left" else work.t() @ work
+
+
+def basis_from_gram(gram_matrix: Tensor, r: int, dtype: torch.dtype) -> Tensor:
+    """The eigenvectors of the ``r`` largest eigenvalues of a Gram matrix, as a ``(d, r)`` tensor of
+    ``dtype`` with the sign of each vector fixed (largest-magnitude entry positive), so that the
+    result does not depend on the LAPACK path taken."""
+    _, vecs = torch.linalg.eigh(gram_matrix)
+    top = vecs[:, -r:].flip(1)
+    idx = top.abs().argmax(0)
+    signs = torch.sign(top.gather(0, idx.unsqueeze(0)))
+    signs[signs == 0] = 1.0
+    return (top * signs).to(dtype).contiguous()
+
+
 def svd_basis(g: Tensor, r: int, side: str) -> Tensor:
     """Top-``r`` left (``"left"``) or right (``"right"``) singular vectors of ``g`` as a ``(d, r)``
     tensor of ``g``'s dtype.
 
     Computed from the eigen-decomposition of the ``d x d`` Gram matrix ``G G^T`` (left) or
-    ``G^T G`` (right), in float32 (float64 for float64 input): the eigenvectors of the ``r``
-    largest eigenvalues are the top singular vectors. On a CPU this is several times faster than
-    ``torch.linalg.svd`` of ``G``. The sign of each vector is fixed (largest-magnitude entry
-    positive) so that the result does not depend on the LAPACK path taken.
+    ``G^T G`` (right) (:func:`gram`, :func:`basis_from_gram`), in float32 (float64 for float64
+    input): the eigenvectors of the ``r`` largest eigenvalues are the top singular vectors. On a CPU
+    this is several times faster than ``torch.linalg.svd`` of ``G``. The sign of each vector is
+    fixed (largest-magnitude entry positive) so that the result does not depend on the LAPACK path
+    taken.
     """
-    work = g.detach().to(torch.float64 if g.dtype == torch.float64 else torch.float32)
-    gram = work @ work.t() if side == "left" else work.t() @ work
-    _, vecs = torch.linalg.eigh(gram)
-    top = vecs[:, -r:].flip(1)
-    idx = top.abs().argmax(0)
-    signs = torch.sign(top.gather(0, idx.unsqueeze(0)))
-    signs[signs == 0] = 1.0
-    return (top * signs).to(g.dtype).contiguous()
+    return basis_from_gram(gram(g, side), r, g.dtype)
 
 
 def random_basis(d: int, r: int, generator: torch.Generator, dtype: torch.dtype, device) -> Tensor:
@@ -177,8 +196,16 @@ def random_indices(d: int, r: int, generator: torch.Generator, device) -> Tensor
     return torch.randperm(d, generator=generator)[:r].sort().values.to(device)
 
 
-def topk_indices(g: Tensor, r: int, side: str) -> Tensor:
+def topk_indices(g: Tensor, r: int, side: str, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Sorted indices of the ``r`` rows (left) or columns (right) of ``g`` with the largest
-    Euclidean norms."""
-    norms = torch.linalg.vector_norm(g.float(), dim=1 if side == "left" else 0)
+    Euclidean norms.
+
+    ``reduce``: for a ``g`` that holds only part of the kept side of the matrix (a shard), a
+    function summing a per-line statistic over all parts (an all-reduce); the squared norms of this
+    part are reduced before the selection, so every part selects the same lines."""
+    dim = 1 if side == "left" else 0
+    if reduce is None:
+        norms = torch.linalg.vector_norm(g.float(), dim=dim)
+    else:
+        norms = reduce(g.float().square().sum(dim)).sqrt()
     return torch.topk(norms, r, sorted=False).indices.sort().values

@@ -9,6 +9,8 @@ an input of shape ``(..., m, n)`` is a stack of ``m x n`` matrices, each normali
   ``("row", "col")`` is SR-Sinkhorn, the update of SinkGD (:func:`sinkhorn_normalize`).
 * :func:`cosh_rms_normalize`: AuON's hyperbolic-cosine RMS scaling of the Frobenius-normalized
   momentum (Maity, 2025, arXiv:2509.24320), linear time, spectral norm <= Frobenius norm <= 1.
+* :func:`cosh_rms_scale`: the cosh-RMS brake alone, :math:`Y / (\mathrm{rms}(\cosh(\gamma Y)) +
+  \delta)`, which Hybrid-AuON applies to the output of one Newton-Schulz step.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = [
     "MULTI_NORMS",
     "col_normalize",
     "cosh_rms_normalize",
+    "cosh_rms_scale",
     "multi_normalize",
     "row_l2_norms",
     "row_normalize",
@@ -96,6 +99,21 @@ def multi_normalize(
     return x
 
 
+def cosh_rms_scale(y: Tensor, gamma: float = 1.0, eps: float = 1e-8) -> Tensor:
+    r"""The cosh-RMS brake of AuON on each matrix of ``y`` (a new tensor):
+
+    .. math::
+        r = \sqrt{\operatorname{mean}\big(\cosh(\gamma Y)^2\big)}, \qquad U = \frac{Y}{r + \delta}
+
+    with :math:`\delta` = ``eps``. Since :math:`r \ge 1`, every norm of :math:`U` is at most that of
+    :math:`Y`; entries far above the RMS raise :math:`r` and shrink the whole matrix. With
+    ``gamma=1`` this is Hybrid-AuON's :math:`Y / (\mathrm{rms}(\cosh(Y)) + \delta)`.
+    """
+    dims = (-2, -1)
+    r = torch.cosh(y * gamma).square().mean(dim=dims, keepdim=True).sqrt_()
+    return y / r.add_(eps)
+
+
 def cosh_rms_normalize(x: Tensor, gamma: float = 1.5, eps: float = 1e-8, norm_eps: float = 1e-7) -> Tensor:
     r"""AuON's normalization of a momentum matrix (a new tensor).
 
@@ -104,11 +122,10 @@ def cosh_rms_normalize(x: Tensor, gamma: float = 1.5, eps: float = 1e-8, norm_ep
         r = \sqrt{\operatorname{mean}\big(\cosh(\gamma G)^2\big)}, \qquad
         U = \frac{G}{r + 10^{-8}}
 
-    Since :math:`\cosh \ge 1`, :math:`r \ge 1` and :math:`\lVert U\rVert_2 \le \lVert U\rVert_F
-    \le 1`: the update stays in the unit spectral-norm trust region without building an orthogonal
-    matrix. Large entries raise :math:`r` and brake the whole step.
+    i.e. :func:`cosh_rms_scale` of the Frobenius-normalized :math:`X`. Since :math:`\cosh \ge 1`,
+    :math:`r \ge 1` and :math:`\lVert U\rVert_2 \le \lVert U\rVert_F \le 1`: the update stays in
+    the unit spectral-norm trust region without building an orthogonal matrix. Large entries raise
+    :math:`r` and brake the whole step.
     """
-    dims = (-2, -1)
-    g = x / (torch.linalg.vector_norm(x, dim=dims, keepdim=True) + norm_eps)
-    r = torch.cosh(g * gamma).square().mean(dim=dims, keepdim=True).sqrt_()
-    return g.div_(r.add_(eps))
+    g = x / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + norm_eps)
+    return cosh_rms_scale(g, gamma, eps)

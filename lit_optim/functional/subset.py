@@ -31,17 +31,19 @@ def subset_shape(m: int, n: int) -> tuple[int, int]:
     return (1, n) if m <= n else (m, 1)
 
 
-def subset_sq(g: Tensor, reduction: str = "mean") -> Tensor:
+def subset_sq(g: Tensor, reduction: str = "mean", dim: int | None = None) -> Tensor:
     """Per-subset ``sum`` (the paper's definition, ``||g_S||^2``) or ``mean`` of the squared entries
     of the ``(m, n)`` matrix ``g``, kept as a broadcastable ``(1, n)`` or ``(m, 1)`` tensor.
 
     ``mean`` equals ``sum / |S|``: with it the update has the per-coordinate scale of Adam, so the
     same learning rate suits the subset-normed matrices and the coordinate-wise vectors.
+    ``dim``: the dimension reduced over (default :func:`subset_dim` of ``g``'s shape); pass it when
+    ``g`` is a part of a larger matrix (a shard of its other dimension), whose shape decides.
     """
     if reduction not in SUBSET_REDUCTIONS:
         raise ValueError(f"reduction must be one of {list(SUBSET_REDUCTIONS)}, got {reduction!r}")
-    m, n = g.shape
-    dim = subset_dim(m, n)
+    if dim is None:
+        dim = subset_dim(*g.shape)
     sq = torch.linalg.vector_norm(g, 2, dim=dim, keepdim=True).square_()
     if reduction == "mean":
         sq.div_(g.shape[dim])

@@ -1,6 +1,6 @@
 """Integrations with Hugging Face: ``hf`` (Trainer: optimizers, TrainerCallbacks, CurvatureTrainer)
 and ``peft`` (LoRA-aware parameter groups). Both need the ``hf`` extra
-(``pip install 'lit-optim[hf]'``); they are imported on first use so that ``import lit_optim``
+(``pip install ".[hf]"`` in a clone); they are imported on first use so that ``import lit_optim``
 does not import transformers."""
 
 from __future__ import annotations

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -142,6 +144,24 @@ def _check_group_foreach(value: Any, default: Any) -> bool | None:
     return value
 
 
+def _check_group_fused(value: Any, default: Any) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"fused must be None, True or False, got {value!r}")
+    return value
+
+
+def _check_fused_foreach(fused: Any, foreach: Any, where: str = "") -> None:
+    if fused and foreach is False:
+        raise ValueError(
+            f"fused=True and foreach=False{where} cannot be combined: the fused (compiled) update is built "
+            "from the multi-tensor kernels; pass foreach=None or True with fused=True"
+        )
+
+
+#: "not given" marker of the ``fused`` keyword that LitOptimizer adds to subclass constructors
+_UNSET: Any = object()
+
+
 #: checks applied to hyperparameters given in a parameter-group dict (the constructor's checks)
 _GROUP_CHECKS: dict[str, Callable[[Any, Any], Any]] = {
     "lr": lambda v, d: check_lr(v),
@@ -151,6 +171,7 @@ _GROUP_CHECKS: dict[str, Callable[[Any, Any], Any]] = {
     "momentum": lambda v, d: check_in_range("momentum", v, 0.0, 1.0, high_closed=False),
     "maximize": _check_group_bool("maximize"),
     "foreach": _check_group_foreach,
+    "fused": _check_group_fused,
     "nonfinite": lambda v, d: check_choice("nonfinite", v, NONFINITE_MODES),
 }
 
@@ -179,6 +200,11 @@ class LitOptimizer(torch.optim.Optimizer):
       ``"raise"`` raises :class:`NonFiniteGradientError` before any weight is touched,
       ``"skip"`` skips the whole step (counted in ``optimizer.skipped_steps``) and ``"ignore"``
       does no check (saves one reduction over the gradients per step).
+    * ``fused`` (default None, meaning False on every device): run the update of elementwise
+      optimizers as compiled (``torch.compile``) kernels (see :mod:`lit_optim.optim._compiled`); the first
+      step compiles (seconds to a minute), later steps make one pass over memory. ``fused=True``
+      with ``foreach=False`` is refused. Optimizers without a fused update accept the flag and
+      run their multi-tensor update.
     """
 
     state_keys: tuple[str, ...] = ()
@@ -203,15 +229,45 @@ class LitOptimizer(torch.optim.Optimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         nonfinite: str = "raise",
+        fused: bool | None = _UNSET,
     ):
         if not isinstance(maximize, bool):
             raise TypeError(f"maximize must be a bool, got {type(maximize).__name__} {maximize!r}")
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"foreach must be None, True or False, got {foreach!r}")
         check_choice("nonfinite", nonfinite, NONFINITE_MODES)
-        defaults = dict(defaults, maximize=maximize, foreach=foreach, nonfinite=nonfinite)
+        if fused is _UNSET:  # given to a subclass constructor that does not forward it
+            fused = self.__dict__.pop("_fused_arg", None)
+        _check_group_fused(fused, None)
+        _check_fused_foreach(fused, foreach)
+        defaults = dict(defaults, maximize=maximize, foreach=foreach, nonfinite=nonfinite, fused=fused)
         self.skipped_steps = 0
         super().__init__(params, defaults)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Give every subclass constructor the ``fused`` keyword: a subclass whose ``__init__`` does
+        not take it (and forward it to this class) gets it through a thin wrapper."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or getattr(init, "_takes_fused", False):
+            return
+        try:
+            if "fused" in inspect.signature(init).parameters:
+                return
+        except (TypeError, ValueError):  # pragma: no cover - builtin or odd callables
+            return
+
+        @functools.wraps(init)
+        def __init__(self: Any, *args: Any, fused: bool | None = _UNSET, **kw: Any) -> None:
+            if fused is not _UNSET:
+                self.__dict__["_fused_arg"] = fused
+            try:
+                init(self, *args, **kw)
+            finally:
+                self.__dict__.pop("_fused_arg", None)
+
+        __init__._takes_fused = True  # type: ignore[attr-defined]
+        cls.__init__ = __init__  # type: ignore[method-assign]
 
     # -- parameter groups ----------------------------------------------------------------------
 
@@ -233,6 +289,7 @@ class LitOptimizer(torch.optim.Optimizer):
             param_group = self._normalize_group(dict(param_group))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        _check_fused_foreach(group.get("fused"), group.get("foreach"), f" in param group {len(self.param_groups) - 1}")
         for p in group["params"]:
             if p.requires_grad:
                 self._ensure_state(p, group)
@@ -273,7 +330,29 @@ class LitOptimizer(torch.optim.Optimizer):
         if "step" not in state:
             state["step"] = 0
             self._init_state(p, state, group)
+            if len(self.state) > sum(len(g["params"]) for g in self.param_groups):
+                self._drop_stale_state()
         return state
+
+    def _drop_stale_state(self) -> None:
+        """Forget the state of tensors that are no longer in any parameter group, and create the
+        state of those that lack it.
+
+        accelerate's FSDP2 preparation (Hugging Face ``Trainer`` with ``fsdp_version: 2``) builds the
+        optimizer on the whole parameters, then replaces every parameter in ``param_groups`` by its
+        sharded DTensor. The whole-size state created at construction would otherwise stay alive on
+        every rank (and ``state_dict`` could not name it); the replacements get fresh state, laid out
+        like them. Called when state is created for a parameter never seen before and by
+        :meth:`state_dict`."""
+        current = {id(p) for g in self.param_groups for p in g["params"]}
+        stale = [k for k in self.state if isinstance(k, Tensor) and id(k) not in current]
+        for k in stale:
+            del self.state[k]
+        if stale:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.requires_grad:
+                        self._ensure_state(p, group)
 
     # -- hooks for subclasses ------------------------------------------------------------------
 
@@ -426,10 +505,11 @@ class LitOptimizer(torch.optim.Optimizer):
         local = _dtensor.local
         params = [local(p) for p in params]
         grads = [local(g) for g in grads]
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
         keys = self.state_keys
         foreach = group["foreach"] is None or group["foreach"]
+        fused = foreach and bool(group.get("fused")) and self.elementwise
+        if group["maximize"] and not fused:  # the fused update negates inside its kernels
+            grads = torch._foreach_neg(grads)
         if not foreach:
             for p, g, s in zip(params, grads, states):
                 self._update(group, [p], [g], {k: [local(s[k])] for k in keys}, s["step"], LOOP_OPS)
@@ -440,7 +520,9 @@ class LitOptimizer(torch.optim.Optimizer):
             gs = [grads[i] for i in idx]
             st = {k: [local(states[i][k]) for i in idx] for k in keys}
             step = states[idx[0]]["step"]
-            if self.elementwise and self.block_numel:
+            if fused:
+                _compiled.fused_update(self, group, ps, gs, st, step, group["maximize"])
+            elif self.elementwise and self.block_numel:
                 for bp, bg, bst in _blocks(ps, gs, st, self.block_numel):
                     self._update(group, bp, bg, bst, step, FOREACH_OPS)
             else:
@@ -452,6 +534,7 @@ class LitOptimizer(torch.optim.Optimizer):
     STATE_DICT_CLASS_KEY = "lit_optim_optimizer"
 
     def state_dict(self) -> dict[str, Any]:
+        self._drop_stale_state()
         sd = super().state_dict()
         sd[self.STATE_DICT_CLASS_KEY] = type(self).__name__
         return sd
@@ -487,7 +570,9 @@ class LitOptimizer(torch.optim.Optimizer):
                 f"{name}.load_state_dict: the state dict has {len(groups)} parameter groups, the optimizer "
                 f"{len(self.param_groups)}"
             )
-        required = set(self.defaults)
+        # torch.optim adds "differentiable" to self.defaults in __setstate__; "fused" is new: state dicts
+        # saved before it existed load
+        required = set(self.defaults) - {"fused", "differentiable", "capturable"}
         saved_state = state_dict["state"]
         for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
             missing = sorted(required - set(saved))
@@ -573,13 +658,15 @@ def _blocks(
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Total bytes of the tensors in ``optimizer.state`` (each storage counted once)."""
+    """Total bytes of the tensors in ``optimizer.state`` (each storage counted once); a DTensor
+    (FSDP2) counts its local shard, the bytes this rank holds."""
     seen: set[tuple[int, int]] = set()
     total = 0
 
     def visit(v: Any) -> None:
         nonlocal total
         if isinstance(v, Tensor):
+            v = _dtensor.local(v)
             key = (v.untyped_storage().data_ptr(), v.untyped_storage().nbytes())
             if key not in seen and v.device.type != "meta":
                 seen.add(key)
@@ -612,3 +699,6 @@ def apply_weight_decay(
         ops.mul_(params, 1.0 - lr * weight_decay)
         return grads
     return ops.add(grads, params, alpha=weight_decay)
+
+
+from . import _compiled  # noqa: E402  (imports FOREACH_OPS from this module)

@@ -36,6 +36,7 @@ __all__ = [
     "local",
     "locals_",
     "sharded_mesh_groups",
+    "sum_over_shards",
 ]
 
 
@@ -137,3 +138,31 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     if groups:
         bad = all_reduce_over_shards(bad, groups, op=dist.ReduceOp.MAX)
     return not bool(bad > 0)
+
+
+def sum_over_shards(tensors: Iterable[Tensor | None], square: bool = False) -> Tensor:
+    """Float64 sum of all elements (of their squares with ``square=True``) of ``tensors``, on CPU:
+    a DTensor counts its local shard, summed over the mesh dimensions on which it is sharded (one
+    all-reduce per distinct layout; replicated dimensions counted once); a regular tensor counts as
+    it is. Every rank gets the same value when it passes the same (DTensor) layouts in the same
+    order."""
+    total = torch.zeros((), dtype=torch.float64)
+    buckets: dict[tuple, tuple[list, Tensor]] = {}
+    for t in tensors:
+        if t is None:
+            continue
+        x = local(t).detach()
+        if square:
+            s = torch.linalg.vector_norm(x, 2.0).double().square().cpu() if x.numel() else total.new_zeros(())
+        else:
+            s = x.double().sum().cpu()
+        if not is_dtensor(t):
+            total = total + s
+            continue
+        groups = sharded_mesh_groups([t])
+        key = tuple(id(g) for g, _ in groups)
+        prev = buckets.get(key)
+        buckets[key] = (groups, s if prev is None else prev[1] + s)
+    for groups, s in buckets.values():
+        total = total + all_reduce_over_shards(s, groups).cpu()
+    return total

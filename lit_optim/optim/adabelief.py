@@ -6,8 +6,11 @@ import math
 
 from ..registry import register_optimizer
 from ._base import ELEMENTWISE_BLOCK_NUMEL, LitOptimizer, apply_weight_decay, check_betas, check_lr, check_non_negative
+from ._precision import Float32Math, PositiveEps, check_eps_positive
 
 __all__ = ["AdaBelief"]
+
+_EPS_WHY = "AdaBelief divides 0 by 0 (NaN) where a gradient has always been exactly zero when eps is 0"
 
 
 @register_optimizer(
@@ -17,7 +20,7 @@ __all__ = ["AdaBelief"]
     summary="Adam whose step shrinks when the gradient departs from its EMA; a drop-in AdamW replacement",
     default_lr=1e-3,
 )
-class AdaBelief(LitOptimizer):
+class AdaBelief(Float32Math, PositiveEps, LitOptimizer):
     r"""AdaBelief: Adam with the second moment of the gradient's deviation from its EMA.
 
     Paper: *AdaBelief Optimizer: Adapting Stepsizes by the Belief in Observed Gradients*,
@@ -42,15 +45,20 @@ class AdaBelief(LitOptimizer):
         betas: :math:`(\beta_1, \beta_2)`, EMA rates of the gradient and of the belief
             (paper default (0.9, 0.999)); each in [0, 1).
         eps: :math:`\epsilon`, added to the belief and to the denominator (default 1e-16, the
-            authors' recommended value; it enters both places as in their reference code).
+            authors' recommended value; it enters both places as in their reference code). Must be
+            > 0: with ``eps=0`` a coordinate whose gradient has always been zero gives 0/0.
         weight_decay: :math:`\lambda` (default 0).
         decoupled_weight_decay: True (default, as in the authors' package) applies
             :math:`\theta \leftarrow \theta(1-\eta\lambda)`; False adds :math:`\lambda\theta` to the
             gradient (L2).
         amsgrad: use the maximum of past beliefs (default False).
         maximize, foreach, nonfinite: see :class:`~lit_optim.optim.LitOptimizer`.
+
+    float16 / bfloat16 parameters: the state is kept and the update computed in float32
+    (:mod:`lit_optim.optim._precision`).
     """
 
+    eps_zero_reason = _EPS_WHY
     elementwise = True
     block_numel = ELEMENTWISE_BLOCK_NUMEL
 
@@ -71,7 +79,7 @@ class AdaBelief(LitOptimizer):
         defaults = dict(
             lr=check_lr(lr),
             betas=check_betas(betas),
-            eps=check_non_negative("eps", eps),
+            eps=check_eps_positive(eps, _EPS_WHY),
             weight_decay=check_non_negative("weight_decay", weight_decay),
             decoupled_weight_decay=bool(decoupled_weight_decay),
             amsgrad=bool(amsgrad),
@@ -84,7 +92,7 @@ class AdaBelief(LitOptimizer):
             return ("exp_avg", "exp_avg_var", "max_exp_avg_var")
         return ("exp_avg", "exp_avg_var")
 
-    def _update(self, group, params, grads, state, step, ops):
+    def _update_math(self, group, params, grads, state, step, ops):
         beta1, beta2 = group["betas"]
         lr, eps = group["lr"], group["eps"]
         grads = apply_weight_decay(ops, params, grads, lr, group["weight_decay"], group["decoupled_weight_decay"])

@@ -14,6 +14,7 @@ from ._base import (
     check_non_negative,
     check_positive,
 )
+from ._precision import Float32Math
 
 __all__ = ["AdaBound"]
 
@@ -25,7 +26,7 @@ __all__ = ["AdaBound"]
     summary="Adam whose per-coordinate step is clipped into bounds that close in on SGD's final_lr",
     default_lr=1e-3,
 )
-class AdaBound(LitOptimizer):
+class AdaBound(Float32Math, LitOptimizer):
     r"""AdaBound (and AMSBound with ``amsbound=True``): Adam that turns into SGD.
 
     Paper: *Adaptive Gradient Methods with Dynamic Bound of Learning Rate*, Luo, Xiong, Liu & Sun,
@@ -49,10 +50,15 @@ class AdaBound(LitOptimizer):
         betas: :math:`(\beta_1, \beta_2)` (paper default (0.9, 0.999)); each in [0, 1).
         final_lr: :math:`\eta^\ast`, the SGD learning rate the bounds converge to (default 0.1).
         gamma: :math:`\gamma`, speed of convergence of the bounds (default 1e-3).
-        eps: :math:`\epsilon` (default 1e-8).
+        eps: :math:`\epsilon` (default 1e-8). ``eps=0`` is allowed: where :math:`v_t = 0` the
+            unclipped step is infinite, the clip bounds it by :math:`u_t` and :math:`m_t = 0` there.
         weight_decay: L2 penalty added to the gradient (default 0, as in the paper).
         amsbound: use the running maximum of :math:`v_t` (AMSBound; default False).
         maximize, foreach, nonfinite: see :class:`~lit_optim.optim.LitOptimizer`.
+
+    float16 / bfloat16 parameters: the state is kept and the update computed in float32
+    (:mod:`lit_optim.optim._precision`); ``foreach=True`` and ``foreach=False`` then give identical
+    results in every dtype.
     """
 
     elementwise = True
@@ -95,7 +101,7 @@ class AdaBound(LitOptimizer):
             return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
         return ("exp_avg", "exp_avg_sq")
 
-    def _update(self, group, params, grads, state, step, ops):
+    def _update_math(self, group, params, grads, state, step, ops):
         beta1, beta2 = group["betas"]
         lr = group["lr"]
         grads = apply_weight_decay(ops, params, grads, lr, group["weight_decay"], False)
@@ -107,6 +113,9 @@ class AdaBound(LitOptimizer):
             ops.maximum_(state["max_exp_avg_sq"], v)
             v = state["max_exp_avg_sq"]
         step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+        if step_size == 0.0:
+            # lr 0: the bounds are 0 too and nothing moves (with eps=0, inf * 0 would give NaN)
+            return
         base_lr = group["base_lr"]
         final_lr = group["final_lr"] * lr / base_lr if base_lr > 0 else 0.0
         lower = final_lr * (1.0 - 1.0 / (group["gamma"] * step + 1.0))

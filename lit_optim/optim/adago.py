@@ -48,6 +48,11 @@ class AdaGO(OrthogonalOptimizer):
     schedule, or ``lr=0``, scales the whole step. :math:`v_t^2` (``sum_sq`` in the state, one
     number per matrix, float32 for half-precision parameters) is the only extra state.
 
+    Under FSDP2 the gradient norm is taken on the matrix's owner rank over the whole gradient
+    (which travels to the owner with the momentum, so AdaGO communicates about 1.5x Muon's bytes),
+    and ``sum_sq`` is a regular tensor replicated on every rank (the owner sends its new value with
+    the result), equal to the one-process value.
+
     Args:
         params: parameters or parameter groups.
         lr: :math:`\eta` (default 0.05).
@@ -105,6 +110,9 @@ class AdaGO(OrthogonalOptimizer):
             **ns_group_defaults(ns_steps, ns_coefficients, ns_eps, ns_dtype, ns_method),
         )
         super().__init__(params, defaults, **shared_kwargs(locals()))
+
+    matrix_stat_keys = ("sum_sq",)
+    finish_needs_grad = True
 
     def _init_matrix_state(self, p, state, group):
         super()._init_matrix_state(p, state, group)

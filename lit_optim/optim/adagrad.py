@@ -9,6 +9,7 @@ import torch
 from ..registry import register_optimizer
 from . import _dtensor
 from ._base import ELEMENTWISE_BLOCK_NUMEL, LitOptimizer, apply_weight_decay, check_lr, check_non_negative
+from ._precision import LOW_PRECISION, Float32Math, state_dtype
 
 __all__ = ["AdaGrad", "AdaGradNorm"]
 
@@ -21,7 +22,7 @@ __all__ = ["AdaGrad", "AdaGradNorm"]
     summary="coordinate-wise AdaGrad; the update rule AdaptiveBatchSizeCallback's coordinate test is built for",
     default_lr=1e-2,
 )
-class AdaGrad(LitOptimizer):
+class AdaGrad(Float32Math, LitOptimizer):
     r"""Coordinate-wise AdaGrad, the update rule of AdAdaGrad.
 
     Papers: *Adaptive Subgradient Methods for Online Learning and Stochastic Optimization*,
@@ -36,10 +37,15 @@ class AdaGrad(LitOptimizer):
     Args:
         params: parameters or parameter groups.
         lr: :math:`\eta` (default 1e-2, as torch.optim.Adagrad).
-        eps: :math:`\epsilon` added to the denominator (default 1e-10).
+        eps: :math:`\epsilon` added to the denominator (default 1e-10, as torch.optim.Adagrad). ``eps=0``
+            is refused unless ``initial_accumulator_value > 0``: a coordinate whose gradient has
+            always been zero would give 0/0.
         initial_accumulator_value: :math:`b_0^2`, the starting value of every accumulator (default 0).
         weight_decay: L2 penalty :math:`\lambda` added to the gradient (default 0).
         maximize, foreach, nonfinite: see :class:`~lit_optim.optim.LitOptimizer`.
+
+    float16 / bfloat16 parameters: the accumulator is kept and the update computed in float32
+    (:mod:`lit_optim.optim._precision`).
     """
 
     state_keys = ("sum",)
@@ -64,18 +70,35 @@ class AdaGrad(LitOptimizer):
             initial_accumulator_value=check_non_negative("initial_accumulator_value", initial_accumulator_value),
             weight_decay=check_non_negative("weight_decay", weight_decay),
         )
+        _check_eps_with_accumulator(defaults)
         super().__init__(params, defaults, maximize=maximize, foreach=foreach, nonfinite=nonfinite)
 
-    def _init_state(self, p, state, group):
-        state["sum"] = torch.full_like(p, group["initial_accumulator_value"], memory_format=torch.preserve_format)
+    def _normalize_group(self, group):
+        group = super()._normalize_group(group)
+        if "eps" in group or "initial_accumulator_value" in group:
+            _check_eps_with_accumulator({**self.defaults, **group})
+        return group
 
-    def _update(self, group, params, grads, state, step, ops):
+    def _init_state(self, p, state, group):
+        state["sum"] = torch.full_like(
+            p, group["initial_accumulator_value"], dtype=state_dtype(p), memory_format=torch.preserve_format
+        )
+
+    def _update_math(self, group, params, grads, state, step, ops):
         grads = apply_weight_decay(ops, params, grads, group["lr"], group["weight_decay"], False)
         acc = state["sum"]
         ops.addcmul_(acc, grads, grads, value=1.0)
         denom = ops.sqrt(acc)
         ops.add_(denom, group["eps"])
         ops.addcdiv_(params, grads, denom, value=-group["lr"])
+
+
+def _check_eps_with_accumulator(hp) -> None:
+    if hp["eps"] == 0.0 and hp["initial_accumulator_value"] == 0.0:
+        raise ValueError(
+            "eps must be in (0, inf) when initial_accumulator_value is 0, got eps=0.0: a coordinate whose gradient "
+            "has always been zero would divide 0 by 0 (NaN); pass eps > 0 or initial_accumulator_value > 0"
+        )
 
 
 @register_optimizer(
@@ -105,10 +128,15 @@ class AdaGradNorm(LitOptimizer):
     Args:
         params: parameters or parameter groups.
         lr: :math:`\eta` (default 1.0; AdaGrad-Norm is robust to it, the paper sweeps 1e-2..1e2).
-        eps: :math:`\epsilon` (default 1e-10).
+        eps: :math:`\epsilon` (default 1e-10). ``eps=0`` is allowed: while :math:`b_t = 0` every
+            gradient of the group has been exactly zero and the step is zero.
         initial_accumulator_value: :math:`b_0^2` (default 0; Ward et al. take :math:`b_0>0` small).
         weight_decay: L2 penalty added to the gradient (default 0).
         maximize, foreach, nonfinite: see :class:`~lit_optim.optim.LitOptimizer`.
+
+    float16 / bfloat16 parameters: the norms are computed in float32 (a float16 norm overflows at
+    65504) and each parameter is updated with one rounding, :math:`\theta + s\,g` evaluated in
+    float32.
     """
 
     def __init__(
@@ -156,13 +184,27 @@ class AdaGradNorm(LitOptimizer):
         if groups:
             # one all-reduce of the local sums of squares over the shards (tensors that are not
             # sharded hold the same values on every rank and are counted once)
-            norms = [float(n) ** 2 for n in ops.norm(grads)]
+            norms = _sq_norms(ops, grads)
             part = math.fsum(n for n, sh in zip(norms, sharded) if sh)
             sq = float(_dtensor.all_reduce_over_shards(torch.tensor(part, dtype=torch.float64), groups))
             sq += math.fsum(n for n, sh in zip(norms, sharded) if not sh)
         else:
-            for n in ops.norm(grads):
-                sq += float(n) ** 2
+            for n in _sq_norms(ops, grads):
+                sq += n
         group["sum_sq_norm"] += sq
-        scale = -group["lr"] / (math.sqrt(group["sum_sq_norm"]) + group["eps"])
+        denom = math.sqrt(group["sum_sq_norm"]) + group["eps"]
+        # denom 0 (eps=0): every gradient so far was exactly zero; step 0, not -inf * 0 = NaN
+        scale = -group["lr"] / denom if denom > 0.0 else 0.0
         ops.add_(params, grads, alpha=scale)
+
+
+def _sq_norms(ops, grads) -> list[float]:
+    """Squared L2 norms of ``grads`` as Python floats, float16/bfloat16 ones reduced in float32."""
+    if not any(g.dtype in LOW_PRECISION for g in grads):
+        return [float(n) ** 2 for n in ops.norm(grads)]
+    if all(g.dtype in LOW_PRECISION for g in grads):
+        return [float(n) ** 2 for n in ops.norm(grads, 2, dtype=torch.float32)]
+    return [
+        float(torch.linalg.vector_norm(g, 2, dtype=torch.float32 if g.dtype in LOW_PRECISION else None)) ** 2
+        for g in grads
+    ]

@@ -16,8 +16,13 @@ from ._base import (
     check_non_negative,
     check_positive_int,
 )
+from ._precision import Float32Math, PositiveEps, check_eps_positive
 
 __all__ = ["AdaHessian"]
+
+_EPS_WHY = (
+    "AdaHessian divides the momentum by 0 (Inf/NaN) where every Hessian estimate of a coordinate was zero when eps is 0"
+)
 
 
 @register_optimizer(
@@ -29,7 +34,7 @@ __all__ = ["AdaHessian"]
     default_lr=0.15,
     curvature="hutchinson",
 )
-class AdaHessian(HessianConsumer):
+class AdaHessian(Float32Math, PositiveEps, HessianConsumer):
     r"""ADAHESSIAN: Adam-style momentum over the root-mean-square EMA of a Hutchinson estimate of
     the Hessian diagonal, with spatial averaging and a Hessian power.
 
@@ -63,7 +68,8 @@ class AdaHessian(HessianConsumer):
         params: parameters or parameter groups.
         lr: :math:`\eta` (default 0.15, the paper's for image classification).
         betas: :math:`(\beta_1, \beta_2)` (default (0.9, 0.999)).
-        eps: :math:`\epsilon` (default 1e-4, the paper's).
+        eps: :math:`\epsilon` (default 1e-4, the paper's). Must be > 0: a coordinate whose Hessian
+            estimates have all been zero would divide its momentum by 0.
         weight_decay: decoupled weight decay :math:`\lambda` (default 0; the paper uses 5e-4 /
             1e-4 for ResNets and transformers).
         hessian_power: :math:`k` in (0, 1] (default 1).
@@ -77,8 +83,12 @@ class AdaHessian(HessianConsumer):
         seed: seed of the closure-mode probes (default 0).
         maximize, foreach, nonfinite: see :class:`~lit_optim.optim.LitOptimizer`; ``nonfinite`` also
             governs estimates passed to :meth:`update_hessian`.
+
+    float16 / bfloat16 parameters: the state is kept and the update computed in float32
+    (:mod:`lit_optim.optim._precision`).
     """
 
+    eps_zero_reason = _EPS_WHY
     hessian_estimator = "hutchinson"
     state_keys = ("exp_avg", "exp_hessian_diag_sq")
     elementwise = True
@@ -106,7 +116,7 @@ class AdaHessian(HessianConsumer):
         defaults = dict(
             lr=check_lr(lr),
             betas=check_betas(betas),
-            eps=check_non_negative("eps", eps),
+            eps=check_eps_positive(eps, _EPS_WHY),
             weight_decay=check_non_negative("weight_decay", weight_decay),
             hessian_power=check_in_range("hessian_power", hessian_power, 0.0, 1.0, low_closed=False),
             spatial_average=bool(spatial_average),
@@ -142,7 +152,7 @@ class AdaHessian(HessianConsumer):
             self._hessian_step = hs
             super()._step_group(group, [params[i] for i in idx], [grads[i] for i in idx])
 
-    def _update(self, group, params, grads, state, step, ops):
+    def _update_math(self, group, params, grads, state, step, ops):
         beta1, beta2 = group["betas"]
         lr, eps, k = group["lr"], group["eps"], group["hessian_power"]
         bc1 = 1.0 - beta1**step

@@ -6,8 +6,11 @@ import math
 
 from ..registry import register_optimizer
 from ._base import ELEMENTWISE_BLOCK_NUMEL, LitOptimizer, check_betas, check_lr, check_non_negative
+from ._precision import Float32Math, PositiveEps, check_eps_positive
 
 __all__ = ["Adan"]
+
+_EPS_WHY = "Adan divides 0 by 0 (NaN) where a gradient has always been exactly zero when eps is 0"
 
 
 @register_optimizer(
@@ -17,7 +20,7 @@ __all__ = ["Adan"]
     summary="Nesterov momentum estimation from gradient differences; robust to large batches and lrs",
     default_lr=1e-3,
 )
-class Adan(LitOptimizer):
+class Adan(Float32Math, PositiveEps, LitOptimizer):
     r"""Adan: adaptive Nesterov momentum estimation.
 
     Paper: *Adan: Adaptive Nesterov Momentum Algorithm for Faster Optimizing Deep Models*,
@@ -42,13 +45,18 @@ class Adan(LitOptimizer):
         lr: :math:`\eta` (default 1e-3; the paper uses 1e-3 to 1.5e-2 with large batches).
         betas: :math:`(\beta_1, \beta_2, \beta_3)` decay rates of the gradient, gradient-difference
             and squared-update EMAs (paper default (0.98, 0.92, 0.99)); each in [0, 1).
-        eps: :math:`\epsilon` in the denominator (default 1e-8).
+        eps: :math:`\epsilon` in the denominator (default 1e-8). Must be > 0: with ``eps=0`` a
+            coordinate whose gradient has always been zero gives 0/0.
         weight_decay: :math:`\lambda` (default 0; the paper uses 0.02 for vision transformers).
         no_prox: False (default) applies the proximal form of weight decay above; True the
             AdamW-style decoupled form.
         maximize, foreach, nonfinite: see :class:`~lit_optim.optim.LitOptimizer`.
+
+    float16 / bfloat16 parameters: the state is kept and the update computed in float32
+    (:mod:`lit_optim.optim._precision`).
     """
 
+    eps_zero_reason = _EPS_WHY
     state_keys = ("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
     elementwise = True
     block_numel = ELEMENTWISE_BLOCK_NUMEL
@@ -69,13 +77,13 @@ class Adan(LitOptimizer):
         defaults = dict(
             lr=check_lr(lr),
             betas=check_betas(betas, 3),
-            eps=check_non_negative("eps", eps),
+            eps=check_eps_positive(eps, _EPS_WHY),
             weight_decay=check_non_negative("weight_decay", weight_decay),
             no_prox=bool(no_prox),
         )
         super().__init__(params, defaults, maximize=maximize, foreach=foreach, nonfinite=nonfinite)
 
-    def _update(self, group, params, grads, state, step, ops):
+    def _update_math(self, group, params, grads, state, step, ops):
         beta1, beta2, beta3 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         m, n, v, prev = state["exp_avg"], state["exp_avg_diff"], state["exp_avg_sq"], state["prev_grad"]

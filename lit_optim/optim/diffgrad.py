@@ -6,8 +6,11 @@ import math
 
 from ..registry import register_optimizer
 from ._base import ELEMENTWISE_BLOCK_NUMEL, LitOptimizer, apply_weight_decay, check_betas, check_lr, check_non_negative
+from ._precision import Float32Math, PositiveEps, check_eps_positive
 
 __all__ = ["DiffGrad"]
+
+_EPS_WHY = "diffGrad divides 0 by 0 (NaN) where a gradient has always been exactly zero when eps is 0"
 
 
 @register_optimizer(
@@ -17,7 +20,7 @@ __all__ = ["DiffGrad"]
     summary="Adam whose step is damped where the gradient changes little between steps (near optima)",
     default_lr=1e-3,
 )
-class DiffGrad(LitOptimizer):
+class DiffGrad(Float32Math, PositiveEps, LitOptimizer):
     r"""diffGrad: Adam with a friction coefficient from the change of the gradient.
 
     Paper: *diffGrad: An Optimization Method for Convolutional Neural Networks*, Dubey et al.,
@@ -36,13 +39,18 @@ class DiffGrad(LitOptimizer):
         params: parameters or parameter groups.
         lr: :math:`\eta` (paper default 1e-3).
         betas: :math:`(\beta_1, \beta_2)` (paper default (0.9, 0.999)); each in [0, 1).
-        eps: :math:`\epsilon` (default 1e-8).
+        eps: :math:`\epsilon` (default 1e-8). Must be > 0: with ``eps=0`` a coordinate whose
+            gradient has always been zero gives 0/0.
         weight_decay: :math:`\lambda` (default 0).
         decoupled_weight_decay: False (default, as in the paper's code) adds :math:`\lambda\theta` to
             the gradient; True applies :math:`\theta(1-\eta\lambda)`.
         maximize, foreach, nonfinite: see :class:`~lit_optim.optim.LitOptimizer`.
+
+    float16 / bfloat16 parameters: the state is kept and the update computed in float32
+    (:mod:`lit_optim.optim._precision`).
     """
 
+    eps_zero_reason = _EPS_WHY
     state_keys = ("exp_avg", "exp_avg_sq", "prev_grad")
     elementwise = True
     block_numel = ELEMENTWISE_BLOCK_NUMEL
@@ -63,13 +71,13 @@ class DiffGrad(LitOptimizer):
         defaults = dict(
             lr=check_lr(lr),
             betas=check_betas(betas),
-            eps=check_non_negative("eps", eps),
+            eps=check_eps_positive(eps, _EPS_WHY),
             weight_decay=check_non_negative("weight_decay", weight_decay),
             decoupled_weight_decay=bool(decoupled_weight_decay),
         )
         super().__init__(params, defaults, maximize=maximize, foreach=foreach, nonfinite=nonfinite)
 
-    def _update(self, group, params, grads, state, step, ops):
+    def _update_math(self, group, params, grads, state, step, ops):
         beta1, beta2 = group["betas"]
         lr = group["lr"]
         grads = apply_weight_decay(ops, params, grads, lr, group["weight_decay"], group["decoupled_weight_decay"])

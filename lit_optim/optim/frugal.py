@@ -10,6 +10,7 @@ import torch
 from ..functional.lowrank import add_back_
 from ..registry import register_optimizer
 from ._base import FOREACH_OPS, LOOP_OPS, check_betas, check_choice, check_lr, check_non_negative
+from ._dtensor import local
 from ._lowrank import (
     PROJECTIONS,
     Item,
@@ -20,6 +21,7 @@ from ._lowrank import (
     check_rank,
     lowrank_groups,
 )
+from ._precision import check_eps_positive
 
 __all__ = ["FRUGAL"]
 
@@ -73,11 +75,30 @@ class FRUGAL(ProjectedOptimizer):
     factory (``create_optimizer(model, "frugal")``) projects every matrix including embeddings and
     the output head; see :func:`~lit_optim.optim.lowrank_groups` for the paper's split.
 
+    FSDP2 / DTensor parameters (``fully_shard``'s ``Shard(0)``, HSDP, 2-D ``Shard(1)``): exact (the
+    result of one process on the whole batch) with sharded state, by shard-aware maths rather than
+    gathering matrices to owner ranks, so that every rank keeps about ``1/W`` of each matrix's
+    state and per-step traffic falls with the number of ranks. Every quantity of the update is
+    computed line by line along the kept (larger) dimension of the matrix, so the update is
+    computed in a layout where the projected dimension is whole and the kept one sharded
+    (:mod:`lit_optim.optim._lowrank_shard`): a matrix with :math:`m > n` is already laid out so by
+    ``Shard(0)``; one with :math:`m \le n` is re-sharded from rows to columns by one all-to-all and
+    its update sent back by another (:math:`2(W-1)/W` times the matrix bytes per step in total).
+    The subspace refresh all-reduces sums over the kept dimension: the top-k line norms (``d``
+    numbers), the DCT scores (``d``), or the ``d x d`` Gram matrix of the SVD rule, which is summed
+    onto one owner rank (owners balanced over the ranks) that computes the eigenvectors and
+    broadcasts the basis. Random rules are seeded identically on every rank. State: the moments
+    are DTensors sharded along the kept dimension, a dense basis is sharded along its ``d`` rows
+    (all-gathered when used), index vectors are replicated; all of it exists from construction.
+    ``"blockwise"`` is elementwise and runs on the local shards. A callable projection needs the
+    whole gradient and is refused for DTensor parameters.
+
     Args:
         params: parameters or parameter groups (a group may set ``project=False``).
         lr: learning rate :math:`\eta` (default 1e-3).
         betas: :math:`(\beta_1, \beta_2)` of the state-full Adam (default (0.9, 0.999)).
-        eps: :math:`\epsilon` (default 1e-8).
+        eps: :math:`\epsilon` (default 1e-8); must be > 0: with ``eps=0`` a direction whose projected
+            gradient has always been exactly zero would divide 0 by 0.
         weight_decay: decoupled weight decay :math:`\lambda` (default 0).
         rank: subspace size: an int, or a float in (0, 1] read as a fraction of :math:`\min(m, n)`
             (default 0.25, the paper's density :math:`\rho=0.25`); for ``"blockwise"`` the fraction
@@ -131,7 +152,7 @@ class FRUGAL(ProjectedOptimizer):
         defaults = dict(
             lr=check_lr(lr),
             betas=check_betas(betas),
-            eps=check_non_negative("eps", eps),
+            eps=check_eps_positive(eps, self.EPS_WHY),
             weight_decay=check_non_negative("weight_decay", weight_decay),
             rank=rank,
             update_proj_gap=check_gap(update_proj_gap),
@@ -146,6 +167,21 @@ class FRUGAL(ProjectedOptimizer):
         )
         super().__init__(params, defaults, maximize=maximize, foreach=foreach, nonfinite=nonfinite)
 
+    # -- state ----------------------------------------------------------------------------------
+
+    def _dense_keys(self, group):
+        return ("exp_avg", "exp_avg_sq") if group["state_full"] == "adamw" else ("exp_avg",)
+
+    def _matrix_state_spec(self, group, M, N, side, r):
+        if group["projection"] == "blockwise":
+            # the active block's moments are shaped like the parameter and live only while it is
+            # active (state_dict lists them for every matrix, see below)
+            return []
+        shape = (r, N) if side == "left" else (M, r)
+        return super()._matrix_state_spec(group, M, N, side, r) + [
+            (k, shape, "kept") for k in self._dense_keys(group)
+        ]
+
     # -- vectors and blockwise -------------------------------------------------------------------
 
     def _update_dense(self, group, params, grads, states, step, ops):
@@ -153,12 +189,9 @@ class FRUGAL(ProjectedOptimizer):
             self.adamw_dense(group, params, grads, states, step, ops)
             return
         beta1 = group["betas"][0]
-        for p, s in zip(params, states):
-            if "exp_avg" not in s:
-                s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        lr = group["lr"]
-        if group["weight_decay"]:
-            ops.mul_(params, 1.0 - lr * group["weight_decay"])
+        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        if wd:
+            ops.mul_(params, 1.0 - lr * wd)
         m = [s["exp_avg"] for s in states]
         ops.lerp_(m, grads, 1.0 - beta1)
         ops.add_(params, m, alpha=-lr / (1.0 - beta1**step))
@@ -175,31 +208,39 @@ class FRUGAL(ProjectedOptimizer):
             cum += p.numel()
         return out, nblocks
 
+    def _active_block(self, group, step: int, nblocks: int) -> int:
+        """The block that is state-full at ``step`` (1-based)."""
+        return ((step - 1) // group["update_proj_gap"]) % nblocks
+
     def _step_group(self, group, params, grads):
         if group["projection"] != "blockwise":
             return super()._step_group(group, params, grads)
         # blockwise (BAdam): the active block's matrices are ordinary AdamW parameters whose state
         # lives only while the block is active (so their Adam step counts from the activation);
-        # the other matrices get the state-free step.
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
+        # the other matrices get the state-free step. Everything is elementwise, so a DTensor
+        # parameter is updated on its local shard.
         states = self._prepare_states(group, params)
         blocks, nblocks = self._blocks(group)
         gap = group["update_proj_gap"]
+        keys = self._dense_keys(group)
         full: list[tuple] = []
         free_p, free_g = [], []
         for p, g, s in zip(params, grads, states):
             if not self._projects(p, group):
                 full.append((p, g, s, s["step"]))
                 continue
-            if blocks[id(p)] == ((s["step"] - 1) // gap) % nblocks:
+            if blocks[id(p)] == self._active_block(group, s["step"], nblocks):
                 if self.refresh_due(s["step"], gap):
-                    s.pop("exp_avg", None), s.pop("exp_avg_sq", None)
+                    for k in keys:
+                        s.pop(k, None)
                 full.append((p, g, s, self.local_step(s["step"], gap)))
             else:
-                s.pop("exp_avg", None), s.pop("exp_avg_sq", None)
-                free_p.append(p), free_g.append(g)
+                for k in ("exp_avg", "exp_avg_sq"):
+                    s.pop(k, None)
+                free_p.append(local(p)), free_g.append(local(g))
         ops = FOREACH_OPS if (group["foreach"] is None or group["foreach"]) else LOOP_OPS
+        if group["maximize"]:
+            free_g = [g.neg() for g in free_g]
         if ops.foreach:
             keyed: dict[tuple, list[tuple]] = {}
             for e in full:
@@ -208,16 +249,21 @@ class FRUGAL(ProjectedOptimizer):
         else:
             batches = [([e], e[3]) for e in full]
         for es, st in batches:
-            self._update_dense(group, [e[0] for e in es], [e[1] for e in es], [e[2] for e in es], st, ops)
+            gs = [local(e[1]) for e in es]
+            if group["maximize"]:
+                gs = [g.neg() for g in gs]
+            sts = self._dense_states(group, [e[0] for e in es], [e[2] for e in es])
+            self._update_dense(group, [local(e[0]) for e in es], gs, sts, st, ops)
         if free_p:
-            if group["weight_decay"]:
-                ops.mul_(free_p, 1.0 - group["lr"] * group["weight_decay"])
+            lr, wd = float(group["lr"]), float(group["weight_decay"])
+            if wd:
+                ops.mul_(free_p, 1.0 - lr * wd)
             self._state_free(group, free_p, free_g, ops)
 
     def _state_free(self, group, params, grads, ops):
         if group["state_free"] == "none":
             return
-        lr = group["lr"] * group["state_free_lr_scale"]
+        lr = float(group["lr"]) * group["state_free_lr_scale"]
         if group["state_free"] == "sgd":
             ops.add_(params, grads, alpha=-lr)
             return
@@ -225,24 +271,58 @@ class FRUGAL(ProjectedOptimizer):
         for p, g in zip(params, grads):
             p.add_(torch.sign(g), alpha=-lr)
 
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def state_dict(self):
+        """As ``torch.optim.Optimizer.state_dict``. With ``projection="blockwise"`` the state of every
+        projected matrix lists the moments of the state-full AdamW (zeros for the matrices outside
+        the active block), so that the keys and shapes of the state do not depend on the step: a
+        distributed checkpoint (``torch.distributed.checkpoint``) loads into the state dict of a
+        freshly built optimizer, which must have the keys of the saved one. The optimizer itself
+        keeps only the active block's moments (:meth:`load_state_dict` drops the others); a saved
+        checkpoint is as large as AdamW's."""
+        sd = super().state_dict()
+        pid = 0
+        for group in self.param_groups:
+            blockwise = group["projection"] == "blockwise"
+            for p in group["params"]:
+                st = sd["state"].get(pid)
+                if blockwise and st is not None and self._projects(p, group):
+                    missing = [k for k in ("exp_avg", "exp_avg_sq") if k not in st]
+                    if missing:
+                        st = sd["state"][pid] = dict(st)  # torch's state_dict shares our state dicts
+                        for k in missing:
+                            st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                pid += 1
+        return sd
+
+    def load_state_dict(self, state_dict):
+        """As ``torch.optim.Optimizer.load_state_dict``; with ``projection="blockwise"`` only the
+        moments of the block that was active at the saved step are kept (see :meth:`state_dict`)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            if group["projection"] != "blockwise":
+                continue
+            blocks, nblocks = self._blocks(group)
+            for p in group["params"]:
+                s = self.state.get(p)
+                if not s or not self._projects(p, group):
+                    continue
+                t = s.get("step", 0)
+                if t < 1 or blocks[id(p)] != self._active_block(group, t, nblocks):
+                    for k in ("exp_avg", "exp_avg_sq"):
+                        s.pop(k, None)
+
     # -- projected matrices ----------------------------------------------------------------------
 
     def _phase_a(self, group, it: Item, step: int) -> None:
         gap = group["update_proj_gap"]
         low, changed = self._project(group, it, self.refresh_due(step, gap))
-        st = it.state
-        adam = group["state_full"] == "adamw"
-        if "exp_avg" not in st or st["exp_avg"].shape != low.shape:
-            st["exp_avg"] = torch.zeros_like(low)
-            if adam:
-                st["exp_avg_sq"] = torch.zeros_like(low)
-        elif changed and group["reset_state"]:
-            st["exp_avg"].zero_()
-            if adam:
-                st["exp_avg_sq"].zero_()
-        lr = group["lr"]
-        if group["weight_decay"]:
-            it.p.mul_(1.0 - lr * group["weight_decay"])
+        for k in self._dense_keys(group):
+            mom = self._matrix_state(it, k, it.low_shape)
+            if changed and group["reset_state"]:
+                mom.zero_()
+        lr = float(group["lr"])
         if group["state_free"] != "none" and group["state_free_lr_scale"] and lr:
             sign = group["state_free"] == "signsgd"
             if it.proj.dtype == torch.int64:
@@ -254,7 +334,7 @@ class FRUGAL(ProjectedOptimizer):
                 add_back_(res, low, it.proj, it.side, alpha=-1.0, dtype=self.mm_dtype(group))
                 if sign:
                     res.sign_()
-            it.p.add_(res.reshape(it.p.shape), alpha=-lr * group["state_free_lr_scale"])
+            it.out.add_(res, alpha=-lr * group["state_free_lr_scale"])
             del res
         it.low = low
 
@@ -265,7 +345,7 @@ class FRUGAL(ProjectedOptimizer):
             scale = self.adam_lowrank(items, group, s, ops)
         else:
             beta1 = group["betas"][0]
-            m = [it.state["exp_avg"] for it in items]
+            m = [it.local["exp_avg"] for it in items]
             ops.lerp_(m, [it.low for it in items], 1.0 - beta1)
             ops.copy_([it.low for it in items], m)
             scale = 1.0 / (1.0 - beta1**s)
@@ -273,4 +353,4 @@ class FRUGAL(ProjectedOptimizer):
             it.scale = scale
 
     def _phase_c(self, group, it: Item, step: int) -> None:
-        self.add_to_param(group, it, it.low, -group["lr"] * it.scale)
+        self.add_to_param(group, it, it.low, -float(group["lr"]) * it.scale)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..registry import register_optimizer
 from ._base import ELEMENTWISE_BLOCK_NUMEL, LitOptimizer, check_betas, check_lr, check_non_negative
+from ._precision import Float32Math
 
 __all__ = ["Lion"]
 
@@ -15,7 +16,7 @@ __all__ = ["Lion"]
     summary="sign of an interpolated momentum; half of Adam's state; use a 3-10x smaller lr than AdamW",
     default_lr=1e-4,
 )
-class Lion(LitOptimizer):
+class Lion(Float32Math, LitOptimizer):
     r"""Lion (EvoLved Sign Momentum).
 
     Paper: *Symbolic Discovery of Optimization Algorithms*, Chen et al., NeurIPS 2023
@@ -37,6 +38,9 @@ class Lion(LitOptimizer):
             (paper default (0.9, 0.99)); each in [0, 1).
         weight_decay: decoupled :math:`\lambda` (default 0; the paper uses 3-10x AdamW's).
         maximize, foreach, nonfinite: see :class:`~lit_optim.optim.LitOptimizer`.
+
+    float16 / bfloat16 parameters: the state is kept and the update computed in float32
+    (:mod:`lit_optim.optim._precision`).
     """
 
     state_keys = ("exp_avg",)
@@ -61,7 +65,7 @@ class Lion(LitOptimizer):
         )
         super().__init__(params, defaults, maximize=maximize, foreach=foreach, nonfinite=nonfinite)
 
-    def _update(self, group, params, grads, state, step, ops):
+    def _update_math(self, group, params, grads, state, step, ops):
         beta1, beta2 = group["betas"]
         lr, wd = group["lr"], group["weight_decay"]
         m = state["exp_avg"]

@@ -41,7 +41,13 @@ class Muon(OrthogonalOptimizer):
     with :math:`s(m, n)` the shape factor of ``adjust_lr`` (:func:`~lit_optim.optim._orthogonal.lr_adjustment`)
     for an ``m x n`` (out x in) matrix. Other parameters take the internal AdamW.
     Same-shape matrices are orthogonalized by one batched call; under DDP the work is divided
-    among the ranks. Unlike ``torch.optim.Muon``, any number of dimensions is accepted.
+    among the ranks (each orthogonalizes its share, results all-gathered); under FSDP2 (DTensor
+    ``Shard(0)`` parameters, uneven and empty shards included) momentum and AdamW run on the local
+    shards and each matrix is gathered to one owner rank, orthogonalized there and scattered back
+    as rows (one ``all_to_all_single`` each way, about 2x the matrix bytes per step in total), equal
+    to the one-process update to float rounding; tensor-parallel placements are refused (see
+    :mod:`lit_optim.optim._orthogonal`). Unlike ``torch.optim.Muon``, any number of dimensions is
+    accepted.
 
     Args:
         params: parameters or parameter groups (``use_muon`` and ``matrix_view`` may be set per group).

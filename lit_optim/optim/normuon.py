@@ -53,6 +53,14 @@ class NorMuon(OrthogonalOptimizer):
     moment is one number per output neuron (:math:`m` per matrix; ``second_moment`` in the state,
     float32 for half-precision parameters): memory about Muon's.
 
+    Under FSDP2 (parameters sharded by rows) the whole step after the momentum runs on the matrix's
+    owner rank (:mod:`lit_optim.optim._orthogonal`), so the neuron-wise moments and the norm
+    preservation equal the one-process values (to float rounding) (the paper's FSDP2 implementation also spreads
+    the orthogonalization over devices; per-shard approximations, as in some peers, are not used).
+    ``second_moment`` is then a regular tensor replicated on every rank (the owner sends its new
+    value with the result): every rank has the same state keys, and a distributed checkpoint
+    stores one copy.
+
     Args:
         params: parameters or parameter groups.
         lr: :math:`\eta` for the matrices (default 0.02).
@@ -106,6 +114,8 @@ class NorMuon(OrthogonalOptimizer):
             **ns_group_defaults(ns_steps, ns_coefficients, ns_eps, ns_dtype, ns_method),
         )
         super().__init__(params, defaults, **shared_kwargs(locals()))
+
+    matrix_stat_keys = ("second_moment",)
 
     def _init_matrix_state(self, p, state, group):
         super()._init_matrix_state(p, state, group)

@@ -77,6 +77,10 @@ class ROOT(OrthogonalOptimizer):
     form used here differs only by the factor :math:`1-\mu`, which the quantile threshold and the
     normalization inside Newton-Schulz cancel.
 
+    The threshold is a quantile of the whole matrix, so the clipping runs with the
+    orthogonalization on whole matrices (on the matrix's owner rank under FSDP2, see
+    :mod:`lit_optim.optim._orthogonal`); the result equals the one-process update.
+
     Args:
         params: parameters or parameter groups.
         lr: :math:`\eta` (default 1e-3, the authors').
@@ -140,9 +144,10 @@ class ROOT(OrthogonalOptimizer):
             settings["coefficients"] = lambda m, n: fit_coefficient_schedule(m, n, steps)
         return settings
 
-    def _matrix_inputs(self, group, params, grads, states, ops):
-        xs = super()._matrix_inputs(group, params, grads, states, ops)
+    def _transform(self, group, mats, foreach, extra=None):
+        # the threshold is a quantile of the whole matrix: applied here, to whole matrices (on the
+        # owner rank under FSDP2), not in the elementwise momentum step
         q = group["threshold_quantile"]
-        if q >= 1.0:
-            return xs
-        return [soft_threshold_clip(x.reshape(self._view(p, group)), q).reshape(p.shape) for p, x in zip(params, xs)]
+        if q < 1.0:
+            mats = [soft_threshold_clip(x, q) for x in mats]
+        return super()._transform(group, mats, foreach, extra=extra)

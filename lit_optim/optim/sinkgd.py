@@ -41,6 +41,11 @@ class SinkGD(OrthogonalOptimizer):
     costs :math:`O(mn)` per round and keeps **no state for matrices** (no momentum): the optimizer
     state of a model is only the internal AdamW's for embeddings, head and 1-D parameters.
 
+    Under FSDP2 (row-sharded DTensor parameters) the alternating normalizations need whole rows and
+    columns: each matrix is gathered to its owner rank, normalized there and scattered back (see
+    :mod:`lit_optim.optim._orthogonal`), so the result equals the one-process update to float
+    rounding.
+
     ``norms`` generalizes the alternation to the paper's multi-normalization:
     ``("row", "spectral")`` with ``iters=1`` is the SWAN-style special case (row normalization
     then whitening by Newton-Schulz), see :func:`~lit_optim.functional.normalize.multi_normalize`.

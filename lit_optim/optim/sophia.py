@@ -6,6 +6,7 @@ import torch
 
 from ..curvature.consumer import HessianConsumer
 from ..registry import register_optimizer
+from . import _dtensor
 from ._base import (
     ELEMENTWISE_BLOCK_NUMEL,
     apply_weight_decay,
@@ -14,6 +15,7 @@ from ._base import (
     check_non_negative,
     check_positive,
 )
+from ._precision import Float32Math
 
 __all__ = ["Sophia"]
 
@@ -28,7 +30,7 @@ __all__ = ["Sophia"]
     default_lr=1e-4,
     curvature="gnb",
 )
-class Sophia(HessianConsumer):
+class Sophia(Float32Math, HessianConsumer):
     r"""Sophia: EMA of the gradients divided by an EMA of a diagonal Hessian estimate, then
     element-wise clipping.
 
@@ -79,6 +81,9 @@ class Sophia(HessianConsumer):
             resumed runs draw the same probes).
         maximize, foreach, nonfinite: see :class:`~lit_optim.optim.LitOptimizer`; ``nonfinite`` also
             governs estimates passed to :meth:`update_hessian`.
+
+    float16 / bfloat16 parameters: the state is kept and the update computed in float32
+    (:mod:`lit_optim.optim._precision`).
     """
 
     hessian_estimator = "gnb"
@@ -116,7 +121,7 @@ class Sophia(HessianConsumer):
     def _apply_hessian(self, group, p, state, diag):
         state["hessian"].lerp_(diag, 1.0 - group["betas"][1])
 
-    def _update(self, group, params, grads, state, step, ops):
+    def _update_math(self, group, params, grads, state, step, ops):
         beta1 = group["betas"][0]
         lr, rho, eps = group["lr"], group["rho"], group["eps"]
         grads = apply_weight_decay(ops, params, grads, lr, group["weight_decay"], True)
@@ -135,14 +140,19 @@ class Sophia(HessianConsumer):
         :math:`|m_t| \ge \max(\rho h_t, \epsilon)` (nan before the first step). A fraction near 1
         means Sophia is taking sign steps (curvature estimate small or stale); near 0, Newton-like
         steps :math:`m_t/(\rho h_t)`."""
-        clipped = 0
+        clipped = []
         total = 0
         for group in self.param_groups:
             for p in group["params"]:
                 st = self.state.get(p)
-                if not st or "exp_avg" not in st or p.numel() == 0:
+                # the state exists from construction; a parameter counts once it has been stepped
+                if not st or "exp_avg" not in st or p.numel() == 0 or st.get("step", 0) == 0:
                     continue
-                denom = (st["hessian"] * group["rho"]).clamp_min_(group["eps"])
-                clipped += int((st["exp_avg"].abs() >= denom).sum())
+                # DTensor state (FSDP2): counted on the local shards, summed over the mesh
+                h, m = _dtensor.local(st["hessian"]), _dtensor.local(st["exp_avg"])
+                mask = m.abs() >= (h * group["rho"]).clamp_min_(group["eps"])
+                if _dtensor.is_dtensor(p):
+                    mask = _dtensor.DTensor.from_local(mask, p.device_mesh, p.placements, run_check=False)
+                clipped.append(mask)
                 total += p.numel()
-        return clipped / total if total else float("nan")
+        return float(_dtensor.sum_over_shards(clipped)) / total if total else float("nan")

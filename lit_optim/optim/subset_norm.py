@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ..functional.subset import SUBSET_REDUCTIONS, subset_shape, subset_sq
 from ..registry import register_optimizer
-from ._base import check_choice, check_in_range, check_lr, check_non_negative
+from ._base import check_betas, check_choice, check_lr, check_non_negative
 from ._lowrank import (
     PROJECTIONS,
     Item,
@@ -19,18 +17,22 @@ from ._lowrank import (
     check_rank,
     lowrank_groups,
 )
+from ._precision import check_eps_positive
 
 __all__ = ["SubsetNormAdam"]
 
 
-def _check_betas(betas: Any) -> tuple[float, float]:
-    if not isinstance(betas, (tuple, list)):
-        raise TypeError(f"betas must be a tuple of 2 floats, got {type(betas).__name__} {betas!r}")
-    if len(betas) != 2:
-        raise ValueError(f"betas must have 2 entries, got {len(betas)}: {tuple(betas)!r}")
-    b1 = check_in_range("betas[0]", betas[0], 0.0, 1.0, high_closed=False)
-    b2 = check_in_range("betas[1]", betas[1], 0.0, 1.0)
-    return b1, b2
+def _check_betas(betas: Any) -> tuple[float, ...]:
+    """The standard ``[0, 1)`` check, with a pointer to ``adagrad=True`` for ``betas[1] = 1``."""
+    try:
+        return check_betas(betas)
+    except ValueError as e:
+        if isinstance(betas, (tuple, list)) and len(betas) == 2 and betas[1] == 1:
+            raise ValueError(
+                f"{e}; for the AdaGrad-style accumulation of the second moment (AdaGrad-Subset-Norm, "
+                "v <- v + red(g^2)) pass adagrad=True"
+            ) from None
+        raise
 
 
 @register_optimizer(
@@ -59,8 +61,8 @@ class SubsetNormAdam(ProjectedOptimizer):
 
     .. math::
         v_{t,S} &= \beta_2 v_{t-1,S} + (1-\beta_2)\,\operatorname{red}_{i\in S} g_{t,i}^2
-            \quad(\beta_2 = 1:\ v_{t,S} = v_{t-1,S} + \operatorname{red}_{i\in S} g_{t,i}^2,
-            \text{ AdaGrad})\\
+            \quad(\texttt{adagrad=True}:\ v_{t,S} = v_{t-1,S} + \operatorname{red}_{i\in S} g_{t,i}^2,
+            \ 1-\beta_2^{t} \to 1)\\
         m_t &= \beta_1 m_{t-1} + (1-\beta_1) R_t \\
         N_t &= \mathcal{P}\big(m_t / (1-\beta_1^{s})\big) + \big(G_t - \mathcal{P}\mathcal{P}^{\top}(G_t)\big)\\
         \theta_t &= \theta_{t-1}(1-\eta\lambda) - \eta\, \frac{N_t}{\sqrt{v_t/(1-\beta_2^{t})} + \epsilon}
@@ -72,7 +74,21 @@ class SubsetNormAdam(ProjectedOptimizer):
     is smaller by :math:`\sqrt{|S|}` and the learning rate must grow accordingly (the authors use
     about 10x Adam's); with the mean the same ``lr`` suits the subset-normed matrices and the
     coordinate-wise vectors, and AdamW's learning rate is a good start. ``subspace_momentum=False``
-    keeps a full momentum (AdamSN, the paper's first method).
+    keeps a full momentum (AdamSN, the paper's first method). ``adagrad=True`` accumulates the
+    second moment without decay or bias correction, as AdaGrad does (AdaGrad-Subset-Norm, the
+    AdaGrad-type step size of the paper's analysis). (It used to be spelled ``betas[1] = 1.0``;
+    ``betas`` now follow torch's ``[0, 1)`` like every other optimizer here, so that a typo is not
+    silently read as a different algorithm.)
+
+    FSDP2 / DTensor parameters: exact, with sharded state. The subsets are the lines of the
+    projected (smaller) dimension, which is whole on every rank in the layout of
+    :mod:`lit_optim.optim._lowrank_shard` (the kept dimension sharded; a matrix with
+    :math:`m \le n` is re-sharded from rows to columns by one all-to-all and its update sent back by
+    another); the subset statistics, the momentum and the update are then local, and only the
+    subspace selection all-reduces sums over the kept dimension (top-k line norms, DCT scores; the
+    SVD rule's Gram matrix goes to an owner rank, which broadcasts the basis). State: the subset
+    second moment and the momentum are DTensors sharded along the kept dimension, a dense basis
+    sharded along its rows, index vectors replicated.
 
     Subspace rules (``projection``): ``"topk"`` (default: the ``r`` rows/columns of largest
     gradient norm, one of the authors' projectors; no matmul, only indices stored), ``"svd"`` (top
@@ -86,9 +102,9 @@ class SubsetNormAdam(ProjectedOptimizer):
     Args:
         params: parameters or parameter groups (a group may set ``project=False``).
         lr: learning rate :math:`\eta` (default 1e-3, with ``subset_reduction="mean"``).
-        betas: :math:`(\beta_1, \beta_2)` (default (0.9, 0.999)); :math:`\beta_2=1` accumulates the
-            second moment as AdaGrad does (AdaGradSNSM).
-        eps: :math:`\epsilon` (default 1e-8).
+        betas: :math:`(\beta_1, \beta_2)`, each in ``[0, 1)`` (default (0.9, 0.999)).
+        eps: :math:`\epsilon` (default 1e-8); must be > 0: with ``eps=0`` a subset whose gradient
+            has always been exactly zero would divide 0 by 0.
         weight_decay: decoupled weight decay :math:`\lambda` (default 0).
         rank: subspace size of the momentum: an int or a fraction of :math:`\min(m, n)` (default
             0.25; the paper uses rank 128 for hidden size 512).
@@ -97,6 +113,7 @@ class SubsetNormAdam(ProjectedOptimizer):
         subspace_momentum: keep the momentum in the subspace (default True).
         reset_momentum: zero the momentum when the subspace changes (default True).
         subset_reduction: ``"mean"`` (default) or ``"sum"`` of the squared gradient over a subset.
+        adagrad: accumulate the second moment as AdaGrad (default False; see above).
         seed: seed of the random subspace rules (default 0).
         proj_dtype: dtype of the projection matrix products, or None (default: the parameter's).
             ``torch.bfloat16`` makes them 3-4x faster on CPUs with bfloat16 units and on GPUs; the
@@ -119,6 +136,7 @@ class SubsetNormAdam(ProjectedOptimizer):
         reset_momentum: bool = True,
         subset_reduction: str = "mean",
         seed: int = 0,
+        adagrad: bool = False,
         *,
         proj_dtype: Any = None,
         maximize: bool = False,
@@ -130,7 +148,7 @@ class SubsetNormAdam(ProjectedOptimizer):
         defaults = dict(
             lr=check_lr(lr),
             betas=_check_betas(betas),
-            eps=check_non_negative("eps", eps),
+            eps=check_eps_positive(eps, self.EPS_WHY),
             weight_decay=check_non_negative("weight_decay", weight_decay),
             rank=check_rank(rank),
             update_proj_gap=check_gap(update_proj_gap),
@@ -138,67 +156,72 @@ class SubsetNormAdam(ProjectedOptimizer):
             subspace_momentum=bool(subspace_momentum),
             reset_momentum=bool(reset_momentum),
             subset_reduction=check_choice("subset_reduction", subset_reduction, SUBSET_REDUCTIONS),
+            adagrad=bool(adagrad),
             seed=seed,
             proj_dtype=check_proj_dtype(proj_dtype),
             project=None,
         )
         super().__init__(params, defaults, maximize=maximize, foreach=foreach, nonfinite=nonfinite)
 
-    @staticmethod
-    def _bc2(beta2: float, step: int) -> float:
-        return 1.0 if beta2 >= 1.0 else 1.0 - beta2**step
+    # -- state ----------------------------------------------------------------------------------
+
+    def _matrix_state_spec(self, group, M, N, side, r):
+        # the subset second moment, one entry per line of the projected dimension: (1, N) or (M, 1)
+        spec = [("exp_avg_sq", subset_shape(M, N), "kept")]
+        if group["subspace_momentum"]:
+            spec = super()._matrix_state_spec(group, M, N, side, r) + spec
+            spec.append(("exp_avg", (r, N) if side == "left" else (M, r), "kept"))
+        else:
+            spec.append(("exp_avg", (M, N), "kept"))
+        return spec
+
+    def _bc2(self, group, step: int) -> float:
+        return 1.0 if group["adagrad"] else 1.0 - group["betas"][1] ** step
+
+    def _accumulate(self, group, v, sq, ops=None) -> None:
+        """``v <- beta2 v + (1 - beta2) sq`` (``v <- v + sq`` with ``adagrad=True``)."""
+        if group["adagrad"]:
+            v.add_(sq)
+        else:
+            beta2 = group["betas"][1]
+            v.mul_(beta2).add_(sq, alpha=1.0 - beta2)
 
     def _update_dense(self, group, params, grads, states, step, ops):
         beta1, beta2 = group["betas"]
-        lr = group["lr"]
-        for p, s in zip(params, states):
-            if "exp_avg" not in s:
-                s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if group["weight_decay"]:
-            ops.mul_(params, 1.0 - lr * group["weight_decay"])
+        lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
+        if wd:
+            ops.mul_(params, 1.0 - lr * wd)
         m = [s["exp_avg"] for s in states]
         v = [s["exp_avg_sq"] for s in states]
         ops.lerp_(m, grads, 1.0 - beta1)
-        if beta2 < 1.0:
+        if group["adagrad"]:
+            ops.addcmul_(v, grads, grads, 1.0)
+        else:
             ops.mul_(v, beta2)
             ops.addcmul_(v, grads, grads, 1.0 - beta2)
-        else:
-            ops.addcmul_(v, grads, grads, 1.0)
         bc1 = 1.0 - beta1**step
-        bc2 = self._bc2(beta2, step)
+        bc2 = self._bc2(group, step)
         denom = ops.sqrt(v)
-        ops.add_(denom, group["eps"] * bc2**0.5)
+        ops.add_(denom, eps * bc2**0.5)
         ops.addcdiv_(params, m, denom, -lr * bc2**0.5 / bc1)
 
     def _phase_a(self, group, it: Item, step: int) -> None:
-        st = it.state
-        beta2 = group["betas"][1]
-        lr = group["lr"]
-        if group["weight_decay"]:
-            it.p.mul_(1.0 - lr * group["weight_decay"])
-        if "exp_avg_sq" not in st:
-            st["exp_avg_sq"] = it.g.new_zeros(subset_shape(it.m, it.n))
-        sq = subset_sq(it.g, group["subset_reduction"])
-        v = st["exp_avg_sq"]
-        if beta2 < 1.0:
-            v.mul_(beta2).add_(sq, alpha=1.0 - beta2)
-        else:
-            v.add_(sq)
+        # the subsets are the lines of the projected dimension, whole on every rank under FSDP2
+        v = self._matrix_state(it, "exp_avg_sq", subset_shape(it.M, it.N))
+        sq = subset_sq(it.g, group["subset_reduction"], dim=0 if it.side == "left" else 1)
+        self._accumulate(group, v, sq)
         if not group["subspace_momentum"]:
-            if "exp_avg" not in st:
-                st["exp_avg"] = it.g.new_zeros(it.m, it.n)
+            self._matrix_state(it, "exp_avg", (it.M, it.N))
             return
         low, changed = self._project(group, it, self.refresh_due(step, group["update_proj_gap"]))
-        if "exp_avg" not in st or st["exp_avg"].shape != low.shape:
-            st["exp_avg"] = torch.zeros_like(low)
-        elif changed and group["reset_momentum"]:
-            st["exp_avg"].zero_()
+        m = self._matrix_state(it, "exp_avg", it.low_shape)
+        if changed and group["reset_momentum"]:
+            m.zero_()
         it.low = low
 
     def _phase_b(self, group, items, step, ops):
         beta1 = group["betas"][0]
-        m = [it.state["exp_avg"] for it in items]
+        m = [it.local["exp_avg"] for it in items]
         if not group["subspace_momentum"]:
             ops.lerp_(m, [it.g for it in items], 1.0 - beta1)
             return
@@ -210,19 +233,15 @@ class SubsetNormAdam(ProjectedOptimizer):
         ops.add_(lows, m, alpha=1.0 / (1.0 - beta1**s))
 
     def _phase_c(self, group, it: Item, step: int) -> None:
-        beta1, beta2 = group["betas"]
-        lr = group["lr"]
-        bc2 = self._bc2(beta2, step)
-        denom = (it.state["exp_avg_sq"] / bc2).sqrt_().add_(group["eps"])
-        p = it.p
+        beta1 = group["betas"][0]
+        lr = float(group["lr"])
+        bc2 = self._bc2(group, step)
+        denom = (it.local["exp_avg_sq"] / bc2).sqrt_().add_(float(group["eps"]))
         if not group["subspace_momentum"]:
-            num, value = it.state["exp_avg"], -lr / (1.0 - beta1**step)
+            num, value = it.local["exp_avg"], -lr / (1.0 - beta1**step)
         else:
             num, value = it.g, -lr
-        if p.is_contiguous():
-            p.view(it.m, it.n).addcdiv_(num, denom, value=value)
-        else:
-            p.add_((num / denom).view(p.shape), alpha=value)
+        it.out.addcdiv_(num, denom, value=value)
         if group["subspace_momentum"]:
             # N = G + back(m/bc1 - R); the subset denominators broadcast along the projected side
             self.add_to_param(group, it, it.low.div_(denom), -lr)

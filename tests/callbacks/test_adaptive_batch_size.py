@@ -214,27 +214,27 @@ def test_logs_to_tensorboard(tmp_path):
     ea = EventAccumulator(logger.log_dir)
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
-    for tag in ("batch_size", "test_statistic", "required_batch_size", "lr", "accumulation"):
+    for tag in ("batch_size", "statistic", "required_batch_size", "lr", "lr_factor", "accumulation"):
         assert f"adaptive_batch/{tag}" in tags
     sizes = [e.value for e in ea.Scalars("adaptive_batch/batch_size")]
     assert sizes[0] == 16 and sizes[-1] == cb.batch_size
 
 
 def test_configuration_errors():
-    with pytest.raises(ValueError, match="needs loss_fn"):
-        AdaptiveBatchSizeCallback(max_batch_size=8, stats="per_example")
+    with pytest.raises(ValueError, match="stats must be one of"):
+        AdaptiveBatchSizeCallback(max_batch_size=8, stats="per_sample")
     with pytest.raises(ValueError, match="test must be one of"):
         AdaptiveBatchSizeCallback(test="variance", max_batch_size=8)
     with pytest.raises(ValueError, match=r"eta must be in \(0, inf\)"):
         AdaptiveBatchSizeCallback(eta=-1.0, max_batch_size=8)
     with pytest.raises(TypeError, match="max_batch_size must be an int"):
         AdaptiveBatchSizeCallback(max_batch_size=8.0)
-    with pytest.raises(ValueError, match="check_every_n_steps must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="check_every_n_steps must be an integer >= 1, got 0"):
         AdaptiveBatchSizeCallback(max_batch_size=8, check_every_n_steps=0)
 
     # micro-batch statistics need >= 2 micro-batches per step on one process
     with pytest.raises(ValueError, match="at least 2 micro-batch gradients"):
-        fit(Regressor(), [AdaptiveBatchSizeCallback(max_batch_size=64)], epochs=1)
+        fit(Regressor(), [AdaptiveBatchSizeCallback(max_batch_size=64, stats="micro_batch")], epochs=1)
     with pytest.raises(ValueError, match="max_batch_size must be >= the initial effective batch size 16"):
         fit(Regressor(), [AdaptiveBatchSizeCallback(max_batch_size=8, initial_accumulation=2)], epochs=1)
     with pytest.raises(ValueError, match="GradientAccumulationScheduler"):
@@ -267,3 +267,136 @@ def test_configuration_errors():
 
     with pytest.raises(ValueError, match="manual optimization"):
         fit(Manual(), [AdaptiveBatchSizeCallback(max_batch_size=64)], epochs=1)
+
+
+# ------------------------------------------------------------------ issue 15: defaults that work
+
+
+def test_defaults_work_on_one_process_without_accumulation(caplog):
+    """``AdaptiveBatchSizeCallback(max_batch_size=...)`` alone, one process, accumulation 1: the
+    statistics come from per-example gradients of training_step (as AdAdaGrad estimates them),
+    the callback says so, and the micro-batch statistics take over once the batch has grown."""
+    import logging
+
+    class Sources(L.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.seen.append((trainer.accumulate_grad_batches, cb.stats_source))
+
+    cb = AdaptiveBatchSizeCallback(max_batch_size=256, eta=1.0)  # eta: grow in steps, not at once
+    assert cb.stats == "auto"
+    sources = Sources()
+    with caplog.at_level(logging.INFO):
+        fit(Regressor(noise=10.0, n=128), [cb, sources])
+    assert "stats='auto' estimates the gradient noise from per-example gradients" in caplog.text
+    assert cb.history and cb.batch_size > 8, "noise-dominated problem: the batch must grow"
+    assert cb.history[0]["old_batch_size"] == 8
+    assert sources.seen[0] == (1, "per_example")
+    # the micro-batch statistics take over once the accumulation is >= 2
+    assert {src for acc, src in sources.seen if acc >= 2} == {"micro_batch"}
+
+
+def test_auto_per_example_statistics_equal_an_explicit_loss_fn():
+    """The default per-example loss (training_step, logging muted) gives the statistics of the
+    same loss passed explicitly."""
+
+    class Logging(Regressor):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("train_loss", loss)
+            return {"loss": loss}
+
+    results = []
+    for loss_fn in (None, mse_loss_fn):
+        cb = AdaptiveBatchSizeCallback(max_batch_size=8 * 8, check_every_n_steps=100, loss_fn=loss_fn)
+        fit(Logging(noise=10.0), [cb], epochs=1)
+        assert cb.stats_source == "per_example"
+        results.append(cb.controller.last_result)
+    assert results[0].statistic == pytest.approx(results[1].statistic, rel=1e-5)
+
+
+def test_auto_default_loss_that_vmap_cannot_run_names_the_fix():
+    class ItemCall(Regressor):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.last = loss.item()  # data-dependent Python: not vmap-able
+            return loss
+
+    with pytest.raises(RuntimeError, match=r"training_step on single examples under torch.func.vmap.*loss_fn="):
+        fit(ItemCall(), [AdaptiveBatchSizeCallback(max_batch_size=64)], epochs=1)
+
+
+# ------------------------------------------------------------------ issue 17: resume from a max_steps stop
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position in the epoch is saved in checkpoints (Lightning's condition for
+    a mid-epoch resume that sees the same batches)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._skip = 0
+        self._served = 0
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        self._served = skip
+        for i, b in enumerate(super().__iter__()):
+            if i >= skip:
+                self._served += 1
+                yield b
+
+    def state_dict(self):
+        return {"served": self._served}
+
+    def load_state_dict(self, state):
+        self._skip = state["served"]
+
+
+class ResumableRegressor(Regressor):
+    def train_dataloader(self):
+        hp = self.hparams
+        return ResumableLoader(regression_data(hp.n, hp.jitter, hp.noise), batch_size=hp.batch_size, shuffle=False)
+
+
+@pytest.mark.parametrize(
+    "stop,rebuild",
+    [(3, False), (8, True)],  # before the growth to accumulation 12 is applied / after it, loader rebuilt
+)
+def test_resume_after_a_max_steps_stop_mid_epoch_matches_the_straight_run(stop, rebuild, tmp_path):
+    """A fit stopped by max_steps in the middle of an epoch (Lightning still calls
+    on_train_epoch_end) and resumed from its checkpoint ends with the optimizer steps and the
+    weights of a fit that never stopped."""
+
+    def module():
+        return ResumableRegressor(jitter=1.0, noise=10.0, lr=0.05, n=192, batch_size=4)  # 48 micro-batches an epoch
+
+    def callback():
+        return AdaptiveBatchSizeCallback(
+            eta=0.1, initial_accumulation=2, max_batch_size=48, rebuild_dataloader=rebuild, max_micro_batch_size=16
+        )
+
+    total = 15
+    L.seed_everything(0, verbose=False)
+    straight, cb = module(), callback()
+    quiet_trainer(max_steps=total, callbacks=[cb]).fit(straight)
+    assert any(h["accumulation"] == 12 for h in cb.history)
+
+    L.seed_everything(0, verbose=False)
+    first = module()
+    t1 = quiet_trainer(max_steps=stop, callbacks=[callback()])
+    t1.fit(first)
+    assert t1.fit_loop.epoch_loop.batch_progress.current.ready % 48 != 0  # stopped inside the epoch
+    ckpt = str(tmp_path / "stop.ckpt")
+    t1.save_checkpoint(ckpt)
+
+    L.seed_everything(123, verbose=False)
+    resumed = module()
+    t2 = quiet_trainer(max_steps=total, callbacks=[callback()])
+    t2.fit(resumed, ckpt_path=ckpt)
+    assert t2.global_step == total
+    from tests.helpers import flat_params
+
+    assert torch.equal(flat_params(straight), flat_params(resumed))

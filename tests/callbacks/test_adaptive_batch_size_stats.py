@@ -214,7 +214,7 @@ def test_lr_scale_factor(rule, expect):
         ({"test": "bogus"}, ValueError, "test must be one of"),
         ({"eta": 0.0}, ValueError, r"eta must be in \(0, inf\), got 0.0"),
         ({"theta": -1.0}, ValueError, "theta must be in"),
-        ({"nu": float("nan")}, ValueError, "nu must be in"),
+        ({"nu": float("nan")}, ValueError, "nu must be a number"),
         ({"lr_scaling": "cubic"}, ValueError, "lr_scaling must be one of"),
         ({"coordinate_quantile": 0.0}, ValueError, r"coordinate_quantile must be in \(0, 1\]"),
         ({"max_batch_size": 4}, ValueError, "max_batch_size must be >= the initial batch size 8"),

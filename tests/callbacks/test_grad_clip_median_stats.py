@@ -147,7 +147,7 @@ def test_state_dict_round_trip_continues_identically():
     "kwargs,exc,match",
     [
         ({"mode": "median"}, ValueError, "mode must be one of"),
-        ({"window": 0}, ValueError, "window must be an int >= 1, got 0"),
+        ({"window": 0}, ValueError, "window must be an integer >= 1, got 0"),
         ({"factor": 0.0}, ValueError, r"factor must be in \(0, inf\), got 0.0"),
         ({"mode": "constant"}, ValueError, "needs threshold"),
         ({"threshold": 1.0}, ValueError, "only used by the constant modes"),

@@ -222,11 +222,12 @@ def test_one_fit_per_task_metrics_logging_and_plot(tmp_path):
     # logged at the cumulative iteration, to the Trainer of the fit that ran it
     first = dict(loggers[0].logged)
     assert first[0] == {"stability/acc_task0": 0.0, "stability/avg_acc": 0.0, "stability/wc_acc": 0.0}
-    last_step, last = loggers[2].logged[-1]
+    last_step, last = [(s, m) for s, m in loggers[2].logged if "stability/wc_acc" in m][-1]
     assert last_step == 30
     assert last["stability/wc_acc"] == pytest.approx(EXPECTED_WC_ACC)
     assert last["stability/min_acc"] == pytest.approx(EXPECTED_MIN_ACC)
-    switch = next(m for _, m in loggers[2].logged if "stability/wf5" in m)
+    # task 1 ends with its fit: its rows go to that fit's logger
+    switch = next(m for _, m in loggers[1].logged if "stability/gap_task0_at_task1/depth" in m)
     assert switch["stability/gap_task0_at_task1/depth"] == pytest.approx(0.75)
     assert switch["stability/gap_task0_at_task1/steps_to_recover"] == 6.0
     assert ev.summary()["evaluations"] == len(ev.eval_seconds) > 0
@@ -324,3 +325,26 @@ def test_more_fits_than_tasks_is_an_error():
     quiet_trainer(max_epochs=1, callbacks=[ev]).fit(model, train_loader(2))
     with pytest.raises(ValueError, match="the current task is 1, but task_dataloaders holds 1 tasks"):
         quiet_trainer(max_epochs=1, callbacks=[ev]).fit(model, train_loader(2))
+
+
+def test_the_last_task_switch_is_logged_at_the_end_of_training():
+    """The gap rows of the switch into the last task and the windowed forgetting during it have no
+    later switch to be logged at: they are logged at the end of the last fit, once."""
+    ev = StabilityGapEvaluator(val_loaders(), every_n_steps=2, windows=(5,), verbose=False)
+    model = Scripted()
+    loggers = []
+    for _ in range(3):
+        loggers.append(CaptureLogger())
+        quiet_trainer(max_epochs=1, callbacks=[ev], logger=loggers[-1]).fit(model, train_loader())
+    final = [(step, m) for step, m in loggers[2].logged if "stability/gap_task1_at_task2/depth" in m]
+    assert len(final) == 1
+    step, m = final[0]
+    assert step == 30
+    assert m["stability/gap_task1_at_task2/depth"] == pytest.approx(0.6)
+    assert m["stability/gap_task0_at_task2/depth"] == pytest.approx(ev.tracker.gaps()[-2]["depth"])
+    assert m["stability/wf5"] == pytest.approx(ev.tracker.windowed_forgetting(5))
+    # each task's rows once, when it ends (end of its fit; the switch at the same iteration does
+    # not log them again)
+    for k, end in ((1, 20), (2, 30)):
+        rows = [s for lg in loggers for s, m in lg.logged if f"stability/gap_task0_at_task{k}/depth" in m]
+        assert rows == [end]

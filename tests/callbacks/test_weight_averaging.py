@@ -428,3 +428,17 @@ def test_init_fingerprint_is_recorded_at_the_start_and_survives_resume(tmp_path)
     )
     assert cb2.state_dict()["init_fingerprint"] == fp0
     assert math.isfinite(cb2.averager.averages[0][0].sum().item())
+
+
+def test_primary_accepts_what_config_parsers_produce():
+    """jsonargparse / YAML may turn an index into a float (0 -> 0.0): a whole-number float that is
+    not a decay is an index; the default (None) is the first average."""
+    decays = (0.9, 0.99)
+    assert WeightAveragingCallback(decays=decays).primary == 0
+    assert WeightAveragingCallback(decays=decays, primary=0.0).primary == 0
+    assert WeightAveragingCallback(decays=decays, primary=1.0).primary == 1
+    assert WeightAveragingCallback(decays=decays, primary=0.99).primary == 1
+    assert WeightAveragingCallback(decays=(0.0, 0.5), primary=0.0).primary == 0  # a decay wins over an index
+    assert WeightAveragingCallback(kind="uniform", primary=0.0).primary == 0
+    with pytest.raises(ValueError, match=r"no average with decay 2.0 and no average index 2"):
+        WeightAveragingCallback(decays=decays, primary=2.0)

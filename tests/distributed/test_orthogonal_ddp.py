@@ -92,6 +92,8 @@ def test_sharded_newton_schulz_equals_the_single_process_result(tmp_path):
             total = r0[1]["matrices"]
             assert r1[1]["matrices"] == total and r0[1]["world_size"] == 2
             assert 0 < r0[1]["local_matrices"] < total and r0[1]["local_matrices"] + r1[1]["local_matrices"] == total
+            # the results of each rank's share are all-gathered: bytes are counted on both ranks
+            assert r0[1]["sent_bytes"] > 0 and r1[1]["received_bytes"] > 0
         else:
             assert r0[1]["matrices"] == 0  # linear-time: nothing to share
 

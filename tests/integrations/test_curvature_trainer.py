@@ -3,6 +3,8 @@ steps, handed to the optimizer, with no change to the user's loop."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import Trainer, TrainerCallback
@@ -40,19 +42,22 @@ class _Install(TrainerCallback):
         self.install()
 
 
-@pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
-def test_sophia_gets_the_estimate_every_k_steps(estimator, tmp_path):
-    model = tiny_lora()
-    args = hf_args(tmp_path, max_steps=5, learning_rate=1e-3, max_grad_norm=1.0)
-    trainer = lhf.CurvatureTrainer(
+def _sophia_trainer(model, args, **kw):
+    return lhf.CurvatureTrainer(
         model=model,
         args=args,
         train_dataset=TokenData(),
         optimizers=lhf.create_optimizer_and_scheduler(model, "sophia", args),
         curvature_every_n_steps=2,
-        curvature_estimator=estimator,
-        curvature_seed=7,
+        **kw,
     )
+
+
+@pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
+def test_sophia_gets_the_estimate_every_k_steps(estimator, tmp_path):
+    model = tiny_lora()
+    args = hf_args(tmp_path, max_steps=5, learning_rate=1e-3, max_grad_norm=1.0)
+    trainer = _sophia_trainer(model, args, curvature_estimator=estimator, curvature_seed=7)
     calls, install = _record_updates(trainer)
     trainer.add_callback(_Install(install))
     before = flat(model)
@@ -202,3 +207,45 @@ def test_mixin_composes_with_other_trainer_subclasses(tmp_path):
     assert t.num_curvature_estimates == 2
     assert len(calls) == 4  # 2 training steps + 2 Hutchinson estimates through the user's compute_loss
     assert lit_optim.get_optimizer_info("adahessian").curvature == "hutchinson"
+
+
+def test_logs_the_curvature_keys_of_the_lightning_callback(tmp_path):
+    """Issue 15 item 19: CurvatureTrainer logs what HessianDiagCallback logs, under the same keys,
+    and the values are those of the estimate handed to the optimizer."""
+    from lit_optim.callbacks import HessianDiagCallback
+
+    model = tiny_lora()
+    args = hf_args(tmp_path, max_steps=4, logging_strategy="steps", logging_steps=1, max_grad_norm=0.0)
+    trainer = _sophia_trainer(model, args, curvature_log_top_eigenvalue=True, curvature_eigen_iters=3)
+    calls, install = _record_updates(trainer)
+    trainer.add_callback(_Install(install))
+    trainer.train()
+    # the keys HessianDiagCallback documents as logged (its docstring is the reference)
+    lightning_keys = set(re.findall(r"``(curvature/[a-z_0-9]+)``", HessianDiagCallback.__doc__))
+    assert lightning_keys == {
+        "curvature/trace",
+        "curvature/diag_mean",
+        "curvature/trace_lr_over_2",
+        "curvature/clip_fraction",
+        "curvature/top_eigenvalue",
+        "curvature/top_eigenvalue_lr_over_2",
+    }
+    logged = [h for h in trainer.state.log_history if any(k.startswith("curvature/") for k in h)]
+    assert [h["step"] for h in logged] == [1, 3]  # the log after each estimate (steps 0 and 2)
+    for h, (_, diag) in zip(logged, calls):
+        assert {k for k in h if k.startswith("curvature/")} == lightning_keys
+        trace = float(sum(d.double().sum() for d in diag if d is not None))
+        assert h["curvature/trace"] == pytest.approx(trace, rel=1e-5)
+        numel = sum(d.numel() for d in diag if d is not None)
+        assert h["curvature/diag_mean"] == pytest.approx(trace / numel, rel=1e-5)
+        assert h["curvature/trace_lr_over_2"] == pytest.approx(trace * args.learning_rate / 2, rel=1e-5)
+        assert 0.0 <= h["curvature/clip_fraction"] <= 1.0
+        assert h["curvature/top_eigenvalue_lr_over_2"] == pytest.approx(
+            h["curvature/top_eigenvalue"] * args.learning_rate / 2, rel=1e-6
+        )
+    assert trainer.last_curvature_stats.keys() == lightning_keys
+    # curvature_log_stats=False: nothing logged
+    trainer = _sophia_trainer(tiny_lora(), args, curvature_log_stats=False)
+    trainer.train()
+    assert not any(k.startswith("curvature/") for h in trainer.state.log_history for k in h)
+    assert trainer.num_curvature_estimates == 2

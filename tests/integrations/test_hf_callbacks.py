@@ -61,6 +61,33 @@ def test_median_clipping_requires_max_grad_norm_zero(tmp_path):
         lhf.GradClipMedianCallback(window=0)
 
 
+def test_lit_trainer_switches_hf_clipping_off_for_median_clipping(tmp_path):
+    """Issue 15 item 13: the README's LitTrainer + GradClipMedianCallback with HF's default
+    max_grad_norm=1.0 trains, HF does not clip, and the caller's args are left as given."""
+    import warnings
+
+    for value, warns in ((1.0, False), (0.5, True)):
+        args = hf_args(tmp_path / str(value), max_grad_norm=value, max_steps=3, learning_rate=3e-2)
+        pre, cb, post = _Pre(), lhf.GradClipMedianCallback(factor=1e-3, min_history=1), _GradSpy()
+        trainer = _trainer(tiny_gpt2(), args, [pre, cb, post], cls=lhf.LitTrainer)
+        hf_clip = []
+        orig = trainer.accelerator.clip_grad_norm_
+        trainer.accelerator.clip_grad_norm_ = lambda *a, _log=hf_clip, _orig=orig, **k: _log.append(a) or _orig(*a, **k)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            trainer.train()
+        assert any("replaces HF's gradient clipping" in str(x.message) for x in w) == warns
+        # HF only measures the norm (max_norm=inf) once its clipping is off
+        assert all(math.isinf(c[1]) for c in hf_clip) and trainer.args.max_grad_norm == 0.0
+        assert args.max_grad_norm == value  # the caller's object is unchanged
+        assert len(pre.norms) == 3
+        # steps 1, 2: clipped by the callback alone, at 1e-3 x the past median (far below HF's threshold)
+        for t in (1, 2):
+            thr = 1e-3 * statistics.median(pre.norms[:t])
+            assert post.norms[t] == pytest.approx(min(pre.norms[t], thr), rel=1e-5)
+    # a plain Trainer cannot switch it off: the callback still refuses (tested above)
+
+
 def test_median_clipping_clips_at_factor_times_past_median(tmp_path):
     model = tiny_gpt2()
     args = hf_args(

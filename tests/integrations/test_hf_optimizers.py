@@ -241,7 +241,7 @@ def test_registered_orthogonalized_optimizers_get_the_split(name):
 
 def test_fsdp1_is_refused_for_orthogonalized_optimizers(monkeypatch):
     model = tiny_gpt2()
-    monkeypatch.setattr(lhf, "_is_fsdp1", lambda m: True)
+    monkeypatch.setattr(lhf.optimizers, "_is_fsdp1", lambda m: True)
     with pytest.raises(ValueError, match="FSDP1 .* flattened 1-D shards. Use FSDP2"):
         lhf.optimizer_param_groups(model, MATRIX)
     lhf.optimizer_param_groups(model, "adan")  # elementwise optimizers do not care

@@ -147,7 +147,8 @@ REFS = [
     (SubsetNormAdam, ref_subset_norm, {"projection": "svd", "lr": 0.05, "rank": 2, "update_proj_gap": 2,
                                        "weight_decay": 0.1}),
     (SubsetNormAdam, ref_subset_norm, {"projection": "svd", "lr": 0.05, "rank": 1, "update_proj_gap": 3,
-                                       "subset_reduction": "sum", "betas": (0.8, 1.0)}),
+                                       "subset_reduction": "sum", "adagrad": True,
+                                       "betas": (0.8, 0.999)}),
     (DCTLowRank, ref_dct, {"lr": 0.05, "rank": 2, "update_proj_gap": 2}),
     (DCTLowRank, ref_dct, {"lr": 0.05, "rank": 3, "update_proj_gap": 2, "on_refresh": "reset", "dct_norm": 2}),
     (DCTLowRank, ref_dct, {"lr": 0.05, "rank": 3, "update_proj_gap": 3, "on_refresh": "keep"}),
@@ -272,7 +273,7 @@ def test_state_bytes_are_those_of_the_low_rank_method(shape):
         (FRUGAL, {"projection": "svd"}, 2 * r * big * 4 + 64 * r * 4),  # + the (d, r) basis
         (SubsetNormAdam, {}, r * big * 4 + big * 4 + r * 8),  # momentum + one entry per subset + indices
         (SubsetNormAdam, {"projection": "svd"}, r * big * 4 + big * 4 + 64 * r * 4),  # + the (d, r) basis
-        (DCTLowRank, {}, 2 * r * big * 4 + r * 8),
+        (DCTLowRank, {}, 2 * r * big * 4 + r * 8 + r * 8),  # + int64 step count per direction ("rotate")
     ]
     adam = 2 * m * n * 4
     for cls, kw, expected in cases:
@@ -410,3 +411,122 @@ def test_bfloat16_projection_products_track_float32(cls, kw):
     assert (runs["bfloat16"] - runs[None]).norm() < 0.1 * moved
     # a float64 check of the same path would be exact; bfloat16 is not
     assert not torch.equal(runs["bfloat16"], runs[None])
+
+
+# ----------------------------------------------------------------------------- issue 15
+
+
+def _delta_of_one_step(opt, p, g):
+    before = p.detach().clone()
+    p.grad = g.clone()
+    opt.step()
+    return p.detach() - before
+
+
+def test_dct_reset_restarts_the_bias_correction_with_the_moments():
+    """Item 2: after a reset the step is a fresh Adam step (the count restarts as FRUGAL's), not
+    0.5x-3x of it as with the global step in the bias correction."""
+    torch.manual_seed(0)
+    grads = [torch.randn(6, 10, dtype=F64) for _ in range(4)]
+    p = nn.Parameter(torch.randn(6, 10, dtype=F64))
+    opt = DCTLowRank([p], lr=0.1, rank=2, update_proj_gap=3, on_refresh="reset")
+    for g in grads[:3]:
+        _delta_of_one_step(opt, p, g)
+    after_reset = _delta_of_one_step(opt, p, grads[3])  # step 4 refreshes and resets
+    q = nn.Parameter(torch.zeros(6, 10, dtype=F64))
+    fresh = _delta_of_one_step(DCTLowRank([q], lr=0.1, rank=2, update_proj_gap=3, on_refresh="reset"), q, grads[3])
+    torch.testing.assert_close(after_reset, fresh, atol=1e-14, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (6, 4)])
+def test_dct_rotate_new_direction_takes_a_fresh_adam_step(shape):
+    """Item 2, "rotate": a DCT direction selected for the first time at a refresh gets a fresh Adam
+    step (its own step count), while a kept direction continues its own count."""
+    m, n = shape
+    left = m <= n
+    d, big = min(m, n), max(m, n)
+    Q = dct_matrix(d)
+    gen = _gen(1)
+
+    def aligned(j, scale):  # a gradient in the span of DCT vector j only
+        a = torch.randn(big, generator=gen, dtype=F64) * scale
+        return torch.outer(Q[:, j], a) if left else torch.outer(a, Q[:, j])
+
+    p = nn.Parameter(torch.zeros(shape, dtype=F64))
+    opt = DCTLowRank([p], lr=0.1, rank=1, update_proj_gap=3)
+    for _ in range(3):
+        _delta_of_one_step(opt, p, aligned(0, 1.0))
+    g4 = aligned(2, 3.0)
+    step4 = _delta_of_one_step(opt, p, g4)  # refresh: direction 2 replaces direction 0
+    assert opt.state[p]["dct_indices"].tolist() == [2]
+    assert opt.state[p]["dir_step"].tolist() == [1]
+    q = nn.Parameter(torch.zeros(shape, dtype=F64))
+    fresh = _delta_of_one_step(DCTLowRank([q], lr=0.1, rank=1, update_proj_gap=3), q, g4)
+    torch.testing.assert_close(step4, fresh, atol=1e-14, rtol=0)
+    # Adam's first step: lr * sign of the projected gradient, in the direction of DCT vector 2
+    r4 = Q[:, 2] @ g4 if left else g4 @ Q[:, 2]
+    expected = -0.1 * (torch.outer(Q[:, 2], torch.sign(r4)) if left else torch.outer(torch.sign(r4), Q[:, 2]))
+    torch.testing.assert_close(step4, expected, atol=1e-8, rtol=0)
+    # a kept direction continues its count: refreshing onto the same vector again keeps it
+    _delta_of_one_step(opt, p, aligned(2, 1.0))
+    _delta_of_one_step(opt, p, aligned(2, 1.0))
+    _delta_of_one_step(opt, p, aligned(2, 1.0))  # step 7 refreshes, vector 2 is kept
+    assert opt.state[p]["dir_step"].tolist() == [4]
+
+
+def test_subset_norm_betas_follow_torch_and_adagrad_is_explicit():
+    """Item 10: betas[1] = 1.0 is refused like everywhere else, with a pointer to adagrad=True,
+    which gives the accumulation that betas[1] = 1.0 used to select."""
+    ps = [nn.Parameter(torch.randn(4, 6, dtype=F64))]
+    with pytest.raises(ValueError, match=r"betas\[1\] must be in \[0, 1\), got 1.0 .*adagrad=True"):
+        SubsetNormAdam(ps, betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match=r"betas\[1\] must be in \[0, 1\), got 1.0"):
+        SubsetNormAdam([{"params": ps, "betas": (0.9, 1.0)}])
+    torch.manual_seed(0)
+    p0 = torch.randn(4, 6, dtype=F64)
+    grads = [torch.randn(4, 6, dtype=F64) for _ in range(3)]
+    lr, eps = 0.05, 1e-8
+    p, v = p0.clone(), torch.zeros(1, 6, dtype=F64)
+    for g in grads:
+        v = v + (g**2).mean(0, keepdim=True)
+        p = p - lr * g / (v.sqrt() + eps)  # beta1 = 0: no momentum
+    got, _ = _run(SubsetNormAdam, p0, grads, {"lr": lr, "betas": (0.0, 0.5), "adagrad": True, "subspace_momentum": False})
+    torch.testing.assert_close(got, p, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "cls,kw",
+    [(FRUGAL, {}), (FRUGAL, {"projection": "svd", "state_full": "sgdm"}), (FRUGAL, {"projection": "blockwise"}),
+     (SubsetNormAdam, {}), (SubsetNormAdam, {"subspace_momentum": False}), (DCTLowRank, {}),
+     (DCTLowRank, {"on_refresh": "keep"})],
+)
+def test_tensor_lr_in_a_group_works_on_the_multi_tensor_path(cls, kw):
+    """Item 22: a 0-d tensor lr put into a group after construction (as a scheduler or a user
+    might, bypassing the group checks) runs on the foreach path and equals the float lr."""
+    torch.manual_seed(0)
+    shapes = [(5, 8), (8, 5), (8,)]
+    base = [torch.randn(s, dtype=F64) for s in shapes]
+    grads = [[torch.randn(s, dtype=F64) for s in shapes] for _ in range(3)]
+    out = []
+    for lr in (0.01, torch.tensor(0.01, dtype=F64)):
+        ps = [nn.Parameter(b.clone()) for b in base]
+        opt = cls(ps, lr=0.01, weight_decay=0.1, update_proj_gap=2, **kw)
+        opt.param_groups[0]["lr"] = lr
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            opt.step()
+        out.append([p.detach() for p in ps])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, atol=1e-15, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [FRUGAL, SubsetNormAdam, DCTLowRank])
+def test_eps_zero_is_refused_in_the_constructor_and_in_group_dicts(cls):
+    """Item 7: with eps=0 a coordinate or direction whose gradient has always been zero divided
+    0 by 0 and wrote NaN into the weight."""
+    p = nn.Parameter(torch.randn(4, 6))
+    with pytest.raises(ValueError, match=r"eps must be in \(0, inf\), got 0.*divide 0 by 0"):
+        cls([p], eps=0.0)
+    with pytest.raises(ValueError, match=r"eps must be in \(0, inf\), got 0.*divide 0 by 0"):
+        cls([{"params": [p], "eps": 0.0}])

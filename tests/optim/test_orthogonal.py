@@ -205,6 +205,61 @@ def test_groups_without_use_muon_keep_adamw_lr_as_a_ratio():
     torch.testing.assert_close(b0 - b.detach(), torch.full((4,), 0.002), rtol=1e-4, atol=1e-7)
 
 
+def _first_adamw_step(opt, w, b):
+    """Size of the first AdamW step of the 1-D parameter ``b`` (sign-like: |step| = AdamW's lr)."""
+    b0 = b.detach().clone()
+    step_with(opt, [w, b], [torch.randn(w.shape), torch.ones(b.shape)])
+    return float((b0 - b.detach()).abs().max())
+
+
+def test_group_lr_overrides_do_not_rescale_the_adamw_part():
+    """Issue 15 item 23: a group with its own lr keeps AdamW at adam_lr (its own or the
+    constructor's), not at adam_lr * group lr / constructor lr."""
+    torch.manual_seed(0)
+    w, b = nn.Parameter(torch.randn(4, 6)), nn.Parameter(torch.zeros(4))
+    # extreme: constructor lr 1e-28, group lr 1e-3; before the fix AdamW ran at 3e-4 * 1e-3 / 1e-28 = 3e21
+    opt = lit_optim.Muon([{"params": [w, b], "lr": 1e-3}], lr=1e-28, adam_lr=3e-4)
+    assert opt.param_groups[0]["adam_lr"] == 3e-4
+    assert opt.param_groups[0]["adam_lr_ratio"] == pytest.approx(0.3)
+    assert _first_adamw_step(opt, w, b) == pytest.approx(3e-4, rel=1e-3)
+    assert torch.isfinite(w).all()
+    # a group may state its own adam_lr; another group keeps the constructor's
+    w2, b2 = nn.Parameter(torch.randn(4, 6)), nn.Parameter(torch.zeros(4))
+    w3, b3 = nn.Parameter(torch.randn(4, 6)), nn.Parameter(torch.zeros(4))
+    opt = lit_optim.NorMuon(
+        [{"params": [w2, b2], "lr": 0.05, "adam_lr": 1e-2}, {"params": [w3, b3], "lr": 0.001}], lr=0.02, adam_lr=2e-3
+    )
+    g2, g3 = opt.param_groups
+    assert (g2["adam_lr"], g3["adam_lr"]) == (1e-2, 2e-3)
+    b2_0, b3_0 = b2.detach().clone(), b3.detach().clone()
+    step_with(opt, [w2, b2, w3, b3], [torch.randn(4, 6), torch.ones(4), torch.randn(4, 6), torch.ones(4)])
+    torch.testing.assert_close(b2_0 - b2.detach(), torch.full((4,), 1e-2), rtol=1e-3, atol=0)
+    torch.testing.assert_close(b3_0 - b3.detach(), torch.full((4,), 2e-3), rtol=1e-3, atol=0)
+    # a scheduler scales both parts of every group by the same factor
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    assert g2["lr"] == pytest.approx(0.025) and g3["lr"] == pytest.approx(0.0005)
+    b2_0, b3_0 = b2.detach().clone(), b3.detach().clone()
+    step_with(opt, [w2, b2, w3, b3], [torch.randn(4, 6), torch.ones(4), torch.randn(4, 6), torch.ones(4)])
+    # second AdamW step with a constant gradient is again sign-like: |step| = lr
+    torch.testing.assert_close(b2_0 - b2.detach(), torch.full((4,), 5e-3), rtol=1e-3, atol=0)
+    torch.testing.assert_close(b3_0 - b3.detach(), torch.full((4,), 1e-3), rtol=1e-3, atol=0)
+
+
+def test_use_muon_false_groups_take_adam_lr_as_their_lr():
+    e = nn.Parameter(torch.randn(5, 3))
+    w = nn.Parameter(torch.randn(4, 6))
+    opt = lit_optim.Muon(
+        [{"params": [w], "use_muon": True, "lr": 0.0}, {"params": [e], "use_muon": False, "adam_lr": 5e-3}],
+        lr=0.0,  # lr=0 is fine where no group holds AdamW parameters relative to it
+    )
+    g = opt.param_groups[1]
+    assert g["lr"] == g["adam_lr"] == 5e-3 and g["adam_lr_ratio"] == 1.0
+    with pytest.raises(ValueError, match="sets both 'lr' and 'adam_lr'"):
+        lit_optim.Muon([{"params": [e], "use_muon": False, "lr": 1e-3, "adam_lr": 5e-3}])
+    with pytest.raises(ValueError, match="lr must be > 0 when adam_lr != 0"):
+        lit_optim.Muon([{"params": [w], "lr": 0.0}], lr=0.02)
+
+
 def test_use_muon_overrides_and_group_errors():
     w = nn.Parameter(torch.randn(4, 6))
     b = nn.Parameter(torch.zeros(4))
@@ -310,7 +365,13 @@ def test_distributed_flag_without_a_process_group_runs_locally():
     w = nn.Parameter(torch.randn(6, 9))
     opt = lit_optim.Muon([w], distributed=True)
     step_with(opt, [w], [torch.randn(6, 9)])
-    assert opt.last_ns_stats == {"matrices": 1, "local_matrices": 1, "world_size": 1}
+    assert opt.last_ns_stats == {
+        "matrices": 1,
+        "local_matrices": 1,
+        "world_size": 1,
+        "sent_bytes": 0,
+        "received_bytes": 0,
+    }
 
 
 def test_noise_adaptive_ignores_empty_matrices():
@@ -351,3 +412,58 @@ def test_root_with_coefficients_fitted_to_the_matrix_size():
     assert (s - 1).abs().max() < (sq - 1).abs().max()
     saved = opt.state_dict()
     assert saved["param_groups"][0]["ns_coefficients"] == "fit"
+
+
+# ----------------------------------------------------------------------------------- fidelity
+
+
+def test_hybrid_auon_divides_the_newton_schulz_output_by_its_cosh_rms():
+    """Issue 15 item 1: the paper's Y / (rms(cosh(Y)) + delta) after one quintic step, without a
+    second Frobenius normalization (the old form was about 2.8x smaller here)."""
+    torch.manual_seed(8)
+    g = torch.randn(12, 20, dtype=torch.float64)
+    d, _ = update_of(
+        lit_optim.HybridAuON, torch.zeros_like(g), g, lr=1.0, momentum=0.0, nesterov=False, adjust_lr="none"
+    )
+    x = g / (torch.linalg.matrix_norm(g) + 1e-7)
+    a, b, c = 3.4445, -4.7750, 2.0315
+    gram = x @ x.T
+    y = a * x + (b * gram + c * gram @ gram) @ x
+    expected = y / (torch.sqrt(torch.mean(torch.cosh(y) ** 2)) + 1e-8)
+    torch.testing.assert_close(d, expected, atol=1e-12, rtol=0)
+    old = lit_optim.functional.normalize.cosh_rms_normalize(y, 1.5)
+    assert torch.linalg.matrix_norm(d) > 2.5 * torch.linalg.matrix_norm(old)
+
+
+def _run_paths(cls, dtype):
+    shapes = [(5, 4), (4,), (3, 2, 2, 2), (6, 3), (0, 3), (2, 3, 4)]
+    results = []
+    for foreach in (True, False):
+        gen = torch.Generator().manual_seed(0)
+        ps = [nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+        opt = cls(ps, lr=0.05, weight_decay=0.05, adam_weight_decay=0.1, layerwise_noise_adaptive=True, foreach=foreach)
+        for _ in range(4):
+            step_with(opt, ps, [torch.randn(p.shape, generator=gen).to(dtype) for p in ps])
+        results.append(ps)
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("cls", [lit_optim.AuON, lit_optim.SinkGD])
+def test_foreach_and_per_tensor_paths_are_bit_identical_without_newton_schulz(cls, dtype):
+    """Issue 15 item 25: with weight decay on both parts, the linear-time optimizers end
+    bit-identical on both paths in every dtype (before, bf16/fp16 differed: torch's CPU
+    _foreach_mul_ with a Python scalar rounds the scalar to bf16, Tensor.mul_ does not)."""
+    for a, b in zip(*_run_paths(cls, dtype)):
+        assert torch.equal(a, b), (cls.__name__, dtype, tuple(a.shape))
+
+
+@pytest.mark.parametrize("cls", NS_FAMILY)
+def test_foreach_and_per_tensor_paths_differ_only_by_batched_matmul_rounding(cls):
+    """With Newton-Schulz, foreach=True batches same-shape matrices (baddbmm on a stack) where
+    foreach=False multiplies one matrix at a time: equal up to float32 matmul rounding; the
+    elementwise parts (momentum, AdamW, weight decay) are identical."""
+    for a, b in zip(*_run_paths(cls, torch.float32)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        if a.ndim == 1:  # AdamW-only parameters: bit-identical
+            assert torch.equal(a, b)

@@ -16,6 +16,8 @@ BETAS_ERRORS = [
     ErrorInput({"betas": (0.9, 1.0)}, ValueError, r"betas\[1\] must be in \[0, 1\), got 1.0"),
     ErrorInput({"betas": (0.9,)}, ValueError, r"betas must have 2 entries"),
 ]
+#: eps=0 refused where it would divide 0 by 0 (issue 15, item 7)
+EPS_ZERO = r"eps must be in \(0, inf\), got 0.0 .*divides 0 by 0"
 COMMON = [
     ErrorInput({"lr": -1e-3}, ValueError, r"lr must be in \[0, inf\), got -0.001"),
     ErrorInput({"weight_decay": -0.1}, ValueError, r"weight_decay must be in \[0, inf\), got -0.1"),
@@ -97,6 +99,7 @@ def ref_adabound(p, grads, kw):
 
 def ref_exadam(p, grads, kw):
     lr, (b1, b2), eps, wd = kw.get("lr", 1e-3), kw.get("betas", (0.9, 0.999)), kw.get("eps", 1e-8), kw.get("weight_decay", 0)
+    dynamic = kw.get("dynamic_step_size", True)
     p = p.clone()
     m, v = torch.zeros_like(p), torch.zeros_like(p)
     for t, g in enumerate(grads, 1):
@@ -108,7 +111,9 @@ def ref_exadam(p, grads, kw):
         mt = m / (1 - b1**t) * d1
         vt = v / (1 - b2**t) * d2
         gt = g / (1 - b1**t) * d1
-        p = p - lr * (mt + gt) / (torch.sqrt(vt) + eps)
+        # the paper's dynamic step size (arXiv:2412.20302v1, Algorithm 1): lr * ln(sqrt(2) * sqrt(t + 1))
+        alpha = lr * math.log(math.sqrt(2.0) * math.sqrt(t + 1)) if dynamic else lr
+        p = p - alpha * (mt + gt) / (torch.sqrt(vt) + eps)
     return p
 
 
@@ -131,16 +136,26 @@ def ref_adagradnorm(p, grads, kw):
     return p
 
 
+#: float16 and bfloat16 parameters are stepped in float32 with float32 state (issue 15, item 8)
+LOW_PRECISION_TOO = (torch.float32, torch.bfloat16, torch.float16)
+
 SPECS = [
     OptimSpec(
         lit_optim.AdaBelief,
+        dtypes=LOW_PRECISION_TOO,
         inputs=[{}, {"weight_decay": 0.1}, {"weight_decay": 0.1, "decoupled_weight_decay": False}, {"amsgrad": True}],
-        errors=COMMON + BETAS_ERRORS + [ErrorInput({"eps": -1.0}, ValueError, r"eps must be in \[0, inf\), got -1.0")],
+        errors=COMMON
+        + BETAS_ERRORS
+        + [
+            ErrorInput({"eps": -1.0}, ValueError, r"eps must be in \(0, inf\), got -1.0"),
+            ErrorInput({"eps": 0.0}, ValueError, EPS_ZERO),
+        ],
         reference=ref_adabelief,
         reference_kwargs={"lr": 0.1, "weight_decay": 0.05},
     ),
     OptimSpec(
         lit_optim.Lion,
+        dtypes=LOW_PRECISION_TOO,
         inputs=[{}, {"weight_decay": 0.5}],
         errors=COMMON + BETAS_ERRORS,
         reference=ref_lion,
@@ -149,25 +164,30 @@ SPECS = [
     ),
     OptimSpec(
         lit_optim.Adan,
+        dtypes=LOW_PRECISION_TOO,
         inputs=[{}, {"weight_decay": 0.02}, {"weight_decay": 0.02, "no_prox": True}],
         errors=COMMON
         + [
             ErrorInput({"betas": (0.98, 0.92)}, ValueError, r"betas must have 3 entries"),
             ErrorInput({"betas": (0.98, 0.92, -0.1)}, ValueError, r"betas\[2\] must be in \[0, 1\), got -0.1"),
+            ErrorInput({"eps": 0.0}, ValueError, EPS_ZERO),
         ],
         reference=ref_adan,
         reference_kwargs={"lr": 0.05, "weight_decay": 0.02},
     ),
     OptimSpec(
         lit_optim.DiffGrad,
+        dtypes=LOW_PRECISION_TOO,
         inputs=[{}, {"weight_decay": 0.01}, {"weight_decay": 0.01, "decoupled_weight_decay": True}],
-        errors=COMMON + BETAS_ERRORS,
+        errors=COMMON + BETAS_ERRORS + [ErrorInput({"eps": 0.0}, ValueError, EPS_ZERO)],
         reference=ref_diffgrad,
         reference_kwargs={"lr": 0.1, "weight_decay": 0.01},
     ),
     OptimSpec(
         lit_optim.AdaBound,
-        inputs=[{}, {"amsbound": True}, {"weight_decay": 0.01}],
+        dtypes=LOW_PRECISION_TOO,
+        # eps=0 is safe for AdaBound (the clip bounds the infinite step where v = 0, and m = 0 there)
+        inputs=[{}, {"amsbound": True}, {"weight_decay": 0.01}, {"eps": 0.0}],
         errors=COMMON
         + BETAS_ERRORS
         + [
@@ -179,23 +199,35 @@ SPECS = [
     ),
     OptimSpec(
         lit_optim.EXAdam,
-        inputs=[{}, {"weight_decay": 0.01}],
-        errors=COMMON + BETAS_ERRORS,
+        dtypes=LOW_PRECISION_TOO,
+        inputs=[{}, {"weight_decay": 0.01}, {"dynamic_step_size": False}],
+        errors=COMMON
+        + BETAS_ERRORS
+        + [
+            ErrorInput({"eps": 0.0}, ValueError, EPS_ZERO),
+            ErrorInput({"dynamic_step_size": 1}, TypeError, r"dynamic_step_size must be a bool, got int 1"),
+        ],
         reference=ref_exadam,
         reference_kwargs={"lr": 0.1, "weight_decay": 0.01},
     ),
     OptimSpec(
         lit_optim.AdaGrad,
-        inputs=[{}, {"initial_accumulator_value": 0.1, "weight_decay": 0.01}],
+        dtypes=LOW_PRECISION_TOO,
+        inputs=[{}, {"initial_accumulator_value": 0.1, "weight_decay": 0.01}, {"eps": 0.0, "initial_accumulator_value": 0.1}],
         errors=COMMON
-        + [ErrorInput({"initial_accumulator_value": -1.0}, ValueError, r"initial_accumulator_value must be in \[0, inf\)")],
+        + [
+            ErrorInput({"initial_accumulator_value": -1.0}, ValueError, r"initial_accumulator_value must be in \[0, inf\)"),
+            ErrorInput({"eps": 0.0}, ValueError, r"eps must be in \(0, inf\) when initial_accumulator_value is 0"),
+        ],
         reference=ref_adagrad,
         reference_kwargs={"lr": 0.5, "initial_accumulator_value": 0.1},
         lr=0.1,
     ),
     OptimSpec(
         lit_optim.AdaGradNorm,
-        inputs=[{}, {"initial_accumulator_value": 1.0}],
+        dtypes=LOW_PRECISION_TOO,
+        # eps=0 is safe for AdaGradNorm: the step is 0 while every gradient has been zero
+        inputs=[{}, {"initial_accumulator_value": 1.0}, {"eps": 0.0}],
         errors=COMMON,
         reference=ref_adagradnorm,
         reference_kwargs={"lr": 0.7, "initial_accumulator_value": 0.3},

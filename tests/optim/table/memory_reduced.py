@@ -20,7 +20,8 @@ from .spec import ErrorInput, OptimSpec
 COMMON = [
     ErrorInput({"lr": -1e-3}, ValueError, r"lr must be in \[0, inf\), got -0.001"),
     ErrorInput({"weight_decay": -0.1}, ValueError, r"weight_decay must be in \[0, inf\), got -0.1"),
-    ErrorInput({"eps": -1.0}, ValueError, r"eps must be in \[0, inf\), got -1.0"),
+    ErrorInput({"eps": -1.0}, ValueError, r"eps must be in \(0, inf\), got -1.0"),
+    ErrorInput({"eps": 0.0}, ValueError, r"eps must be in \(0, inf\), got 0.0 .*would divide 0 by 0"),
     ErrorInput({"rank": 0}, ValueError, r"rank must be an int >= 1 or a float in \(0, 1\], got 0"),
     ErrorInput({"rank": 1.5}, ValueError, r"rank must be an int >= 1 or a float in \(0, 1\], got 1.5"),
     ErrorInput({"rank": True}, TypeError, r"rank must be an int >= 1 or a float in \(0, 1\], got bool True"),
@@ -92,6 +93,7 @@ def ref_subset_norm(p, grads, kw):
     assert kw["projection"] == "svd"
     lr, (b1, b2), eps, wd = kw.get("lr", 1e-3), kw.get("betas", (0.9, 0.999)), kw.get("eps", 1e-8), kw.get("weight_decay", 0.0)
     T, red = kw.get("update_proj_gap", 200), kw.get("subset_reduction", "mean")
+    ada = kw.get("adagrad", False)
     m_, n_ = p.shape
     left = m_ <= n_
     r = _rank(kw, min(m_, n_))
@@ -107,8 +109,8 @@ def ref_subset_norm(p, grads, kw):
         sq = (g**2).sum(dim, keepdim=True)
         if red == "mean":
             sq = sq / g.shape[dim]
-        v = b2 * v + (1 - b2) * sq if b2 < 1 else v + sq
-        bc2 = 1 - b2**t if b2 < 1 else 1.0
+        v = v + sq if ada else b2 * v + (1 - b2) * sq
+        bc2 = 1.0 if ada else 1 - b2**t
         R = _proj(P, g, left)
         M = b1 * M + (1 - b1) * R
         N = _back(P, M / (1 - b1**s), left) + (g - _back(P, R, left))
@@ -117,7 +119,11 @@ def ref_subset_norm(p, grads, kw):
 
 
 def ref_dct(p, grads, kw):
-    """DCT-AdamW: top-r DCT columns by l1 alignment, moments rotated by P_new^T P_old on refresh."""
+    """DCT-AdamW: top-r DCT columns by l1 alignment, moments rotated by P_new^T P_old on refresh.
+
+    Bias corrections: "keep" uses the global step t; "reset" the steps since the refresh; "rotate"
+    each direction's own count ``a`` of steps since it entered the subspace, carried by the same
+    rotation as the moments (a direction new after a refresh restarts at 0)."""
     lr, (b1, b2), eps, wd = kw.get("lr", 1e-3), kw.get("betas", (0.9, 0.999)), kw.get("eps", 1e-8), kw.get("weight_decay", 0.0)
     T, ordn, mode = kw.get("update_proj_gap", 200), kw.get("dct_norm", 1), kw.get("on_refresh", "rotate")
     m_, n_ = p.shape
@@ -137,17 +143,23 @@ def ref_dct(p, grads, kw):
             if P is None:
                 shape = (r, n_) if left else (m_, r)
                 M, V = torch.zeros(shape, dtype=g.dtype), torch.zeros(shape, dtype=g.dtype)
+                age = torch.zeros(r, dtype=g.dtype)
             elif mode == "rotate":
                 Rot = Pn.t() @ P  # (r_new, r_old)
                 M, V = (Rot @ M, Rot @ V) if left else (M @ Rot.t(), V @ Rot.t())
+                age = (Rot.abs() @ age).round()
             elif mode == "reset":
                 M, V = torch.zeros_like(M), torch.zeros_like(V)
             P = Pn
+        age = age + 1
+        s = {"keep": t, "reset": (t - 1) % T + 1}.get(mode)
+        c = torch.full((r,), float(s), dtype=g.dtype) if s is not None else age
+        c = c.view(-1, 1) if left else c.view(1, -1)
         R = P.t() @ g if left else g @ P
         p = p * (1 - lr * wd)
         M = b1 * M + (1 - b1) * R
         V = b2 * V + (1 - b2) * R * R
-        U = (M / (1 - b1**t)) / (torch.sqrt(V / (1 - b2**t)) + eps)
+        U = (M / (1 - b1**c)) / (torch.sqrt(V / (1 - b2**c)) + eps)
         p = p - lr * (P @ U if left else U @ P.t())
     return p
 
@@ -186,7 +198,7 @@ SPECS = [
             {},
             {"projection": "svd", "weight_decay": 0.1, "update_proj_gap": 2},
             {"projection": "randk", "subset_reduction": "sum", "update_proj_gap": 3},
-            {"subspace_momentum": False, "betas": (0.9, 1.0)},
+            {"subspace_momentum": False, "adagrad": True},
             {"projection": "random", "reset_momentum": False, "update_proj_gap": 2, "rank": 2},
             {"projection": "dct", "update_proj_gap": 2},
             {"projection": "dct", "update_proj_gap": 2, "proj_dtype": "bfloat16"},
@@ -194,7 +206,8 @@ SPECS = [
         errors=COMMON
         + BETAS
         + [
-            ErrorInput({"betas": (0.9, 1.1)}, ValueError, r"betas\[1\] must be in \[0, 1\], got 1.1"),
+            ErrorInput({"betas": (0.9, 1.1)}, ValueError, r"betas\[1\] must be in \[0, 1\), got 1.1"),
+            ErrorInput({"betas": (0.9, 1.0)}, ValueError, r"betas\[1\] must be in \[0, 1\), got 1.0 .*pass adagrad=True"),
             ErrorInput({"projection": "blockwise"}, ValueError, r"projection must be one of .*got 'blockwise'"),
             ErrorInput({"subset_reduction": "max"}, ValueError, r"subset_reduction must be one of \['mean', 'sum'\], got 'max'"),
             ErrorInput({"proj_dtype": "int8"}, ValueError, r"proj_dtype must be None or a floating torch dtype .*got 'int8'"),

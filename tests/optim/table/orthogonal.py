@@ -74,15 +74,27 @@ def auon_ref(x, gamma, eps):
     return g / (r + eps)
 
 
-def ref_auon(p, grads, kw, hybrid=False):
+def ref_auon(p, grads, kw):
     lr, mu, gamma, eps = kw.get("lr", 0.24), kw.get("momentum", 0.95), kw.get("gamma", 1.5), kw.get("eps", 1e-8)
     wd = kw.get("weight_decay", 0.0)
     p, m = p.clone(), torch.zeros_like(p)
     for g in grads:
         m, u = momentum_dir(m, g, mu, kw.get("nesterov", True))
-        if hybrid:
-            u = ns_ref(u, kw.get("ns_steps", 1))
         p = p * (1 - lr * wd) - lr * shape_factor(*p.shape, "original") * auon_ref(u, gamma, eps)
+    return p
+
+
+def ref_hybrid_auon(p, grads, kw):
+    """The paper's hybrid rule (arXiv:2509.24320, Sec. 3.2): Y = one Newton-Schulz step of the
+    momentum, U = Y / (rms(cosh(gamma Y)) + delta), gamma = 1 by default; Y is not normalized again."""
+    lr, mu, gamma, eps = kw.get("lr", 0.24), kw.get("momentum", 0.95), kw.get("gamma", 1.0), kw.get("eps", 1e-8)
+    wd = kw.get("weight_decay", 0.0)
+    p, m = p.clone(), torch.zeros_like(p)
+    for g in grads:
+        m, u = momentum_dir(m, g, mu, kw.get("nesterov", True))
+        y = ns_ref(u, kw.get("ns_steps", 1))
+        r = torch.sqrt(torch.mean(torch.cosh(gamma * y) ** 2))
+        p = p * (1 - lr * wd) - lr * shape_factor(*p.shape, "original") * (y / (r + eps))
     return p
 
 
@@ -190,8 +202,8 @@ SPECS = [
         lit_optim.HybridAuON,
         inputs=[{}, {"ns_steps": 2, "nesterov": False}, {"layerwise_noise_adaptive": True}],
         errors=COMMON + MOMENTUM + NS,
-        reference=lambda p, g, kw: ref_auon(p, g, kw, hybrid=True),
-        reference_kwargs={"lr": 0.5, "weight_decay": 0.1},
+        reference=ref_hybrid_auon,
+        reference_kwargs={"lr": 0.5, "weight_decay": 0.1, "gamma": 1.5},
         lr=0.5,
         foreach_atol=1e-10,
     ),

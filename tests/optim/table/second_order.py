@@ -113,9 +113,13 @@ COMMON = [
     ErrorInput({}, ValueError, r"not one of this optimizer's parameters", at="step", step_fn=_foreign_param),
 ]
 
+#: float16 and bfloat16 parameters are stepped in float32 with float32 state (issue 15, item 8)
+LOW_PRECISION_TOO = (torch.float32, torch.bfloat16, torch.float16)
+
 SPECS = [
     OptimSpec(
         lit_optim.Sophia,
+        dtypes=LOW_PRECISION_TOO,
         inputs=[{}, {"weight_decay": 0.0, "rho": 1.0}, {"betas": (0.9, 0.95), "eps": 1e-8, "rho": 5.0}],
         errors=COMMON
         + [
@@ -129,13 +133,15 @@ SPECS = [
     ),
     OptimSpec(
         lit_optim.AdaHessian,
+        dtypes=LOW_PRECISION_TOO,
         inputs=[{}, {"hessian_power": 0.5, "weight_decay": 0.01}, {"block_size": 2, "spatial_average": False}],
         errors=COMMON
         + [
             ErrorInput({"hessian_power": 0.0}, ValueError, r"hessian_power must be in \(0, 1\], got 0.0"),
             ErrorInput({"hessian_power": 1.5}, ValueError, r"hessian_power must be in \(0, 1\], got 1.5"),
             ErrorInput({"block_size": 0}, ValueError, r"block_size must be an integer >= 1, got 0"),
-            ErrorInput({"eps": -1.0}, ValueError, r"eps must be in \[0, inf\), got -1.0"),
+            ErrorInput({"eps": -1.0}, ValueError, r"eps must be in \(0, inf\), got -1.0"),
+            ErrorInput({"eps": 0.0}, ValueError, r"eps must be in \(0, inf\), got 0.0 .*divides the momentum by 0"),
             ErrorInput({}, RuntimeError, r"has received no Hessian estimate yet", at="step", step_fn=_no_estimate),
         ],
         reference=ref_adahessian,
