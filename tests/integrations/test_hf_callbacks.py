@@ -385,3 +385,21 @@ def test_adaptive_batch_needs_two_samples_and_resumes(tmp_path):
     assert seen == [6]
     assert resumed.controller.batch_size == 24 and args2.gradient_accumulation_steps == 6
     assert resumed.history == saved["history"]
+
+
+def test_lit_trainer_runs_adaptive_batch_size_at_hf_defaults(tmp_path):
+    """One process, no accumulation (HF's default): LitTrainer runs an even per-device batch as 2
+    micro-batches of half the size, so the callback's default statistics work; the effective batch
+    and the caller's TrainingArguments stay as given."""
+    model = tiny_gpt2()
+    args = hf_args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=2)
+    cb = lhf.AdaptiveBatchSizeCallback(eta=1e6, max_batch_size=64)
+    trainer = _trainer(model, args, [cb], cls=lhf.LitTrainer, n=16)
+    trainer.train()
+    assert cb.micro_batch_size == 2 and cb.accumulation == 2 and cb.batch_size == 4
+    assert cb.controller.num_observations == 2
+    assert args.per_device_train_batch_size == 4 and args.gradient_accumulation_steps == 1
+    with pytest.raises(ValueError, match="LitTrainer"):
+        _trainer(tiny_gpt2(), hf_args(tmp_path / "plain", per_device_train_batch_size=4, max_steps=1), [
+            lhf.AdaptiveBatchSizeCallback(eta=1e6, max_batch_size=64)
+        ]).train()

@@ -25,7 +25,12 @@ class LitTrainerMixin:
     clip first, at a constant threshold): ``train()`` runs on a copy of ``args`` with
     ``max_grad_norm=0`` (the caller's ``TrainingArguments`` object is left as it is). HF's default
     ``max_grad_norm=1.0`` is replaced silently; any other value > 0 with a warning. A plain
-    ``transformers.Trainer`` cannot do this and the callback raises there instead."""
+    ``transformers.Trainer`` cannot do this and the callback raises there instead.
+
+    With an :class:`~lit_optim.integrations.hf.AdaptiveBatchSizeCallback` on one process without
+    gradient accumulation, an even ``per_device_train_batch_size`` B runs as 2 micro-batches of B/2
+    with ``gradient_accumulation_steps=2`` (same effective batch), which the callback's statistics
+    need."""
 
     def _lit_callbacks(self) -> list[LitCallback]:
         return [cb for cb in self.callback_handler.callbacks if isinstance(cb, LitCallback)]  # type: ignore[attr-defined]
@@ -39,6 +44,7 @@ class LitTrainerMixin:
         for cb in self._lit_callbacks():
             cb.resume_dir = path if isinstance(path, (str, os.PathLike)) else None
         self._median_clipping_replaces_hf_clipping()
+        self._two_micro_batches_for_adaptive_batch_size()
         return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
 
     def _median_clipping_replaces_hf_clipping(self) -> None:
@@ -61,6 +67,33 @@ class LitTrainerMixin:
             )
         args = copy.copy(args)  # the caller's object (maybe shared with other Trainers) stays as given
         args.max_grad_norm = 0.0
+        self.args = args
+
+    def _two_micro_batches_for_adaptive_batch_size(self) -> None:
+        """AdaptiveBatchSizeCallback estimates the gradient noise from >= 2 micro-batch gradients per
+        step. With one process and no accumulation (HF's default) an even per-device batch B is run
+        as 2 micro-batches of B/2 with accumulation 2: the same effective batch and the same
+        gradient, and the callback's default works. An odd B is left as is (the callback then
+        explains what to pass)."""
+        from .callbacks.adaptive_batch_size import AdaptiveBatchSizeCallback
+
+        args = self.args  # type: ignore[attr-defined]
+        if not any(isinstance(cb, AdaptiveBatchSizeCallback) for cb in self._lit_callbacks()):
+            return
+        bs = int(args.per_device_train_batch_size)
+        if int(args.gradient_accumulation_steps) * int(args.world_size) >= 2 or bs < 2 or bs % 2:
+            return
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.get_logger(__name__).info(
+            "AdaptiveBatchSizeCallback: per_device_train_batch_size=%d without accumulation runs as 2 micro-batches "
+            "of %d (gradient_accumulation_steps=2; same effective batch) so the gradient noise can be estimated",
+            bs,
+            bs // 2,
+        )
+        args = copy.copy(args)  # the caller's object stays as given
+        args.per_device_train_batch_size = bs // 2
+        args.gradient_accumulation_steps = 2 * int(args.gradient_accumulation_steps)
         self.args = args
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

@@ -151,7 +151,8 @@ class AdaptiveBatchSizeCallback(LitCallback):
             raise ValueError(
                 "AdaptiveBatchSizeCallback estimates the gradient noise from the spread of at least 2 micro-batch "
                 f"gradients per step, but gradient_accumulation_steps={self.accumulation} on {self.world_size} "
-                "process(es) gives fewer: use gradient_accumulation_steps >= 2 on one process"
+                "process(es) gives fewer: use gradient_accumulation_steps >= 2 on one process, or lit_optim's LitTrainer, "
+                "which runs an even per_device_train_batch_size as 2 micro-batches of half the size"
             )
         if self.batch_size > self.max_batch_size:
             raise ValueError(

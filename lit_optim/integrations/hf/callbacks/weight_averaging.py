@@ -66,7 +66,8 @@ class WeightAveragingCallback(LitCallback):
         decays: EMA decays in [0, 1) (default ``(0.999,)``); not allowed with ``"uniform"``.
         start_step, every_n_steps: when to update (see above).
         evaluate: evaluate the averages at each evaluation (default True).
-        primary: the average written at the end: index, decay or label (default 0).
+        primary: the average written at the end: index, decay or label (default None: the first
+            average; None survives config round trips, where an index 0 may come back as 0.0).
         trainable_only: average only parameters that require grad (default True).
         device, dtype: where and in which floating dtype to keep the averages (default: as the
             weights; ``"cpu"`` saves accelerator memory, ``torch.float32`` for bf16 weights).
@@ -84,7 +85,7 @@ class WeightAveragingCallback(LitCallback):
         start_step: int = 0,
         every_n_steps: int = 1,
         evaluate: bool = True,
-        primary: float | str = 0,
+        primary: int | float | str | None = None,
         trainable_only: bool = True,
         device: Any = None,
         dtype: torch.dtype | None = None,
