@@ -220,6 +220,9 @@ class LitOptimizer(torch.optim.Optimizer):
     #: then runs the update on local shards, which is exact for any placement); a subclass whose
     #: update is shard-aware sets True; False refuses DTensor parameters with a clear message
     supports_dtensor: bool | None = None
+    #: the update depends on each parameter's matrix shape (orthogonalized, low-rank projections):
+    #: parameters flattened by DeepSpeed ZeRO / FSDP1 are refused (see :meth:`_check_not_flattened`)
+    needs_matrix_shapes: bool = False
 
     def __init__(
         self,
@@ -289,6 +292,8 @@ class LitOptimizer(torch.optim.Optimizer):
             param_group = self._normalize_group(dict(param_group))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if any(p.ndim >= 2 for p in group["params"]):
+            self.__dict__.setdefault("_group_had_matrix", {})[len(self.param_groups) - 1] = True
         _check_fused_foreach(group.get("fused"), group.get("foreach"), f" in param group {len(self.param_groups) - 1}")
         for p in group["params"]:
             if p.requires_grad:
@@ -457,7 +462,36 @@ class LitOptimizer(torch.optim.Optimizer):
         self._step_groups()
         return loss
 
+    def _check_not_flattened(self) -> None:
+        """Refuse parameters that a wrapper replaced by flattened 1-D buffers.
+
+        DeepSpeed ZeRO (Lightning's ``DeepSpeedStrategy``, HF's ``deepspeed=``) and FSDP1 with
+        ``use_orig_params=False`` hand the wrapped optimizer flat 1-D partitions of the model in
+        place of its parameters. An optimizer whose update needs each matrix's shape
+        (``needs_matrix_shapes``: the orthogonalized and memory-reduced families) would then treat
+        every matrix as a vector and silently degrade (Muon into momentum SGD); it raises instead."""
+        if not self.needs_matrix_shapes:
+            return
+        seen = self.__dict__.setdefault("_seen_param_lists", {})
+        for gi, group in enumerate(self.param_groups):
+            params = group["params"]
+            key = gi
+            if seen.get(key) is params:
+                continue
+            had_matrix = self.__dict__.get("_group_had_matrix", {}).get(gi, False)
+            new_flat = [p for p in params if p.ndim <= 1 and not self.state.get(p)]
+            if had_matrix and new_flat and not any(p.ndim >= 2 for p in params):
+                raise TypeError(
+                    f"{type(self).__name__}: the parameters of param group {gi} were replaced by flattened 1-D "
+                    f"buffers (shapes {[tuple(p.shape) for p in params[:3]]}...), as DeepSpeed ZeRO and FSDP1 "
+                    "(use_orig_params=False) do; this optimizer needs each matrix's shape and would silently "
+                    "degrade. Use FSDP2 (Lightning's ModelParallelStrategy, torch.distributed.fsdp.fully_shard, "
+                    "HF/accelerate fsdp_version 2), DDP, or one process"
+                )
+            seen[key] = params
+
     def _step_groups(self) -> None:
+        self._check_not_flattened()
         collected = [self._collect(group, gi) for gi, group in enumerate(self.param_groups)]
         modes = {group["nonfinite"] for group in self.param_groups}
         if modes != {"ignore"}:

@@ -201,6 +201,8 @@ class ProjectedOptimizer(LitOptimizer):
     are updated exactly, with the state sharded; see :mod:`._lowrank_shard`.
     """
 
+    needs_matrix_shapes = True
+
     projections: tuple[str, ...] = PROJECTIONS
     #: the update is shard-aware (see :mod:`._lowrank_shard`)
     supports_dtensor = True

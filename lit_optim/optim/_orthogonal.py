@@ -256,6 +256,8 @@ class OrthogonalOptimizer(LitOptimizer):
     statistics that :meth:`_finish` updates are named in :attr:`matrix_stat_keys`.
     """
 
+    needs_matrix_shapes = True
+
     #: DTensor parameters are handled (see the module docstring for the supported placements)
     supports_dtensor = True
     #: dual norm of the LMO, for the noise-adaptive layerwise rates: "nuclear" or "frobenius"

@@ -221,3 +221,32 @@ def test_get_optimizer_state_dict_does_not_advance_the_step():
     get_optimizer_state_dict(model, opt)
     assert all(opt.state[p]["step"] == 0 for p in model.parameters())
     assert all(p.grad is None for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- flattened wrappers
+
+
+@pytest.mark.parametrize("name", ["muon", "normuon", "frugal", "subset_norm"])
+def test_parameters_flattened_by_deepspeed_or_fsdp1_are_refused(name):
+    """DeepSpeed ZeRO (and FSDP1 without use_orig_params) replace the optimizer's parameters by flat
+    1-D partitions; a matrix-aware optimizer refuses them instead of silently turning into an
+    elementwise method. We reproduce what DeepSpeed's ZeRO optimizer does to the wrapped optimizer."""
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    opt = lit_optim.create_optimizer(model, name)
+    for group in opt.param_groups:
+        flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in group["params"]]))
+        flat.grad = torch.ones_like(flat)
+        group["params"] = [flat]
+    with pytest.raises(TypeError, match="flattened 1-D buffers.*Use FSDP2"):
+        opt.step()
+
+
+def test_elementwise_optimizers_accept_replaced_parameters():
+    """Elementwise updates do not depend on shapes: flattened partitions are fine for them."""
+    model = torch.nn.Linear(4, 3)
+    opt = lit_optim.Adan(model.parameters())
+    flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    flat.grad = torch.ones_like(flat)
+    opt.param_groups[0]["params"] = [flat]
+    opt.step()
+    assert opt.state[flat]["step"] == 1
