@@ -12,6 +12,7 @@ and regenerate a comparison's report.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -42,7 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "tune": "auto",
     "tune_grid": "0.1,0.3,1,3,10",
     "tune_fraction": 0.25,
-    "tune_keep": 2,
+    "tune_keep": 3,
     "timing_reps": 7,
     "timing_steps": 5,
     "out": os.path.join("runs", "compare"),
@@ -523,6 +524,13 @@ def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     print(f"output: {run_dir}" + (" (resuming)" if args.resume else ""), flush=True)
     if "adamw" not in names:
         print("note: adamw is not in --optimizers; the report compares against AdamW when it is", file=sys.stderr)
+    import signal
+
+    def _terminate(signum, frame):  # SIGTERM stops the workers and keeps finished runs, like Ctrl-C
+        raise KeyboardInterrupt
+
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         results = run_protocol(problem, settings, specs, run_dir, given_lrs=given, resume=args.resume, meta=meta, log=say)
     except RunsFailing as e:

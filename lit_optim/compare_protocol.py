@@ -376,7 +376,7 @@ class Settings:
     tune: str = "auto"  # auto | shipped | sweep | none
     tune_grid: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0])
     tune_fraction: float = 0.25
-    tune_keep: int = 2
+    tune_keep: int = 3
     tune_extend: int = 2
     tune_seed: int = 1000
     timing_reps: int = 7
@@ -704,7 +704,11 @@ def expected_runs(plan: dict[str, Any], s: Settings) -> int:
 
 
 def _worker_init(threads: int | None) -> None:
+    import signal
+
     import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
 
     if threads:
         torch.set_num_threads(threads)
@@ -815,35 +819,40 @@ class _Driver:
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
         futures: dict[Any, tuple[str, RunSpec]] = {}
-        with ProcessPoolExecutor(self.s.jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                                 initargs=(self.s.threads,)) as pool:
-            try:
-                while pending or futures:
-                    while pending and len(futures) < self.s.jobs:
-                        name, run = pending.popleft()
-                        rec = cached(run)
-                        if rec is not None:
-                            finish(name, run, rec, True)
-                            continue
-                        futures[pool.submit(execute_run, *args, asdict(run), self.out_dir)] = (name, run)
-                    if not futures:
+        pool = ProcessPoolExecutor(self.s.jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                   initargs=(self.s.threads,))
+        try:
+            while pending or futures:
+                while pending and len(futures) < self.s.jobs:
+                    name, run = pending.popleft()
+                    rec = cached(run)
+                    if rec is not None:
+                        finish(name, run, rec, True)
                         continue
-                    done, _ = wait(futures, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        name, run = futures.pop(f)
-                        try:
-                            rec = f.result()
-                        except Exception as e:  # noqa: BLE001 - a worker that died
-                            rec = {**asdict(run), "id": run.id, "error": f"worker failed: {type(e).__name__}: {e}",
-                                   "train_loss": [], "val_steps": [], "val_loss": [], "final_train_loss": math.nan,
-                                   "final_val_loss": math.nan, "wall_s": 0.0, "train_step_s": math.nan,
-                                   "state_bytes": 0, "num_params": 0}
-                        finish(name, run, rec, False)
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
+                    futures[pool.submit(execute_run, *args, asdict(run), self.out_dir)] = (name, run)
+                if not futures:
+                    continue
+                done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for f in done:
+                    name, run = futures.pop(f)
+                    try:
+                        rec = f.result()
+                    except Exception as e:  # noqa: BLE001 - a worker that died
+                        rec = {**asdict(run), "id": run.id, "error": f"worker failed: {type(e).__name__}: {e}",
+                               "train_loss": [], "val_steps": [], "val_loss": [], "final_train_loss": math.nan,
+                               "final_val_loss": math.nan, "wall_s": 0.0, "train_step_s": math.nan,
+                               "state_bytes": 0, "num_params": 0}
+                    finish(name, run, rec, False)
+        except BaseException:
+            # Ctrl-C (or a failure here): stop the workers now instead of waiting for their runs
+            for f in futures:
+                f.cancel()
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                with contextlib.suppress(Exception):
+                    proc.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
         return self.records
 
 

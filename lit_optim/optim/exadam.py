@@ -12,7 +12,9 @@ from ._precision import Float32Math, PositiveEps, check_eps_positive
 
 __all__ = ["EXAdam"]
 
-_EPS_WHY = "EXAdam divides 0 by 0 (NaN) in its debiasing term where a gradient has always been exactly zero when eps is 0"
+_EPS_WHY = (
+    "EXAdam divides 0 by 0 (NaN) in its debiasing term where a gradient has always been exactly zero when eps is 0"
+)
 
 
 @register_optimizer(
@@ -101,9 +103,21 @@ class EXAdam(Float32Math, PositiveEps, LitOptimizer):
         for group in self.param_groups:
             group.setdefault("dynamic_step_size", False)
 
+    def load_state_dict(self, state_dict):
+        """As ``LitOptimizer.load_state_dict``; a state dict saved before ``dynamic_step_size``
+        existed continues with the rule it was trained with (``dynamic_step_size=False``)."""
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if isinstance(groups, list) and any(isinstance(g, dict) and "dynamic_step_size" not in g for g in groups):
+            groups = [
+                {**g, "dynamic_step_size": False} if isinstance(g, dict) and "dynamic_step_size" not in g else g
+                for g in groups
+            ]
+            state_dict = {**state_dict, "param_groups": groups}
+        super().load_state_dict(state_dict)
+
     @staticmethod
     def step_size_factor(step: int) -> float:
-        """:math:`\ln(\sqrt{2}\sqrt{t+1})`, the paper's growth of the step size at 1-based step ``t``."""
+        r""":math:`\ln(\sqrt{2}\sqrt{t+1})`, the paper's growth of the step size at 1-based step ``t``."""
         return 0.5 * math.log(2.0 * (step + 1))
 
     def _update_math(self, group, params, grads, state, step, ops):

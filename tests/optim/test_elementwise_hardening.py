@@ -95,6 +95,32 @@ def test_exadam_dynamic_step_size_is_the_default_and_grows_with_ln():
     assert [g["dynamic_step_size"] for g in opt.param_groups] == [True, False]
 
 
+def test_exadam_state_dict_from_before_the_switch_keeps_the_constant_step():
+    """A checkpoint saved before ``dynamic_step_size`` existed was trained with a constant lr."""
+    p0 = torch.randn(3, 2, dtype=torch.float64)
+    grads = [torch.randn(3, 2, dtype=torch.float64) for _ in range(4)]
+    p = nn.Parameter(p0.clone())
+    opt = lit_optim.EXAdam([p], lr=0.05, dynamic_step_size=False)
+    for g in grads[:2]:
+        p.grad = g.clone()
+        opt.step()
+    old = copy.deepcopy(opt.state_dict())
+    del old["param_groups"][0]["dynamic_step_size"]
+    q = nn.Parameter(p.detach().clone())
+    opt2 = lit_optim.EXAdam([q], lr=0.05)
+    opt2.load_state_dict(old)
+    assert opt2.param_groups[0]["dynamic_step_size"] is False
+    for g in grads[2:]:
+        for x, o in ((p, opt), (q, opt2)):
+            x.grad = g.clone()
+            o.step()
+    assert torch.equal(p, q)
+    # a current state dict keeps its setting
+    opt3 = lit_optim.EXAdam([nn.Parameter(q.detach().clone())], lr=0.05, dynamic_step_size=False)
+    opt3.load_state_dict(lit_optim.EXAdam([nn.Parameter(q.detach().clone())], lr=0.05).state_dict())
+    assert opt3.param_groups[0]["dynamic_step_size"] is True
+
+
 # ------------------------------------------------------------------------------------ item 7: eps=0
 
 EPS_REFUSED = [lit_optim.AdaBelief, lit_optim.AdaHessian, lit_optim.Adan, lit_optim.DiffGrad, lit_optim.EXAdam]
@@ -298,6 +324,6 @@ def test_adahessian_default_lr_trains_a_small_mlp_on_digits():
     losses = []
     for i in range(30):
         xb, yb = x[(i * 32) % 256 :][:32], y[(i * 32) % 256 :][:32]
-        losses.append(opt.step(lambda: loss_fn(model(xb), yb)).item())
+        losses.append(opt.step(lambda xb=xb, yb=yb: loss_fn(model(xb), yb)).item())
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0]

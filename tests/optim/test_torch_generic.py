@@ -63,21 +63,34 @@ DIFFERENCES = {
 
 _ALL = set(NAMES)
 _ORTHOGONAL_AND_MEMORY_REDUCED = {
-    "adago", "auon", "dct_lowrank", "frugal", "hybrid_auon", "muon", "normuon", "root", "sinkgd", "subset_norm"
+    "adago",
+    "auon",
+    "dct_lowrank",
+    "frugal",
+    "hybrid_auon",
+    "muon",
+    "normuon",
+    "root",
+    "sinkgd",
+    "subset_norm",
 }
 #: failures found by these tests whose fix belongs elsewhere (strict xfail: an XPASS after the fix
 #: fails the suite, so the marker is removed together with the bug): test -> (optimizers, reason)
 PENDING = {
     "test_load_state_dict_does_not_alias_the_given_dict": (
         _ALL - {"adagradnorm"},
-        "LitOptimizer.load_state_dict (optim/_base.py) keeps the given dict's tensors as the optimizer state when "
-        "device and dtype already match (torch.optim.Optimizer does too): stepping the loaded optimizer changes the "
-        "dict and the optimizer it came from",
+        (
+            "LitOptimizer.load_state_dict (optim/_base.py) keeps the given dict's tensors as the optimizer state when "
+            "device and dtype already match (torch.optim.Optimizer does too): stepping the loaded optimizer changes "
+            "the dict and the optimizer it came from"
+        ),
     ),
     "test_dtypes_finite_and_moving-float16": (
         _ORTHOGONAL_AND_MEMORY_REDUCED,
-        "float16 parameters with 1e-4 gradients get non-finite weights (state and arithmetic in float16); the "
-        "elementwise family computes in float32 (optim/_precision.py)",
+        (
+            "float16 parameters with 1e-4 gradients get non-finite weights (state and arithmetic in float16); the "
+            "elementwise family computes in float32 (optim/_precision.py)"
+        ),
     ),
 }
 
@@ -137,7 +150,9 @@ def test_errors_for_all_optims(cls):
     a = nn.Parameter(torch.randn(2, 2))
     b = nn.Parameter(torch.randn(2, 2))
     kw = _spec(cls).inputs[0]
-    with pytest.raises(TypeError, match="params argument given to the optimizer should be an iterable of Tensors or dicts"):
+    with pytest.raises(
+        TypeError, match="params argument given to the optimizer should be an iterable of Tensors or dicts"
+    ):
         cls(a, **kw)
     # DIFFERENCES["duplicate_param_in_group"]
     with pytest.raises(ValueError, match="same tensor as parameter 0"):
@@ -146,7 +161,9 @@ def test_errors_for_all_optims(cls):
         cls([{"params": [a]}, {"params": [a]}], **kw)
     with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
         cls([a], **{**kw, "lr": torch.tensor([0.001, 0.001])})
-    with pytest.raises(ValueError, match="all optimizer params should be with/without names. Some param names are missing"):
+    with pytest.raises(
+        ValueError, match="all optimizer params should be with/without names. Some param names are missing"
+    ):
         cls([("weight", a), b], **kw)
     with pytest.raises(
         ValueError,
@@ -420,7 +437,9 @@ def test_load_state_dict_does_not_alias_the_given_dict(cls):
     for k, st in sd["state"].items():
         for key, v in st.items():
             if isinstance(v, torch.Tensor):
-                assert torch.equal(v, saved["state"][k][key]), f"stepping the loaded optimizer changed the dict's {key!r}"
+                assert torch.equal(v, saved["state"][k][key]), (
+                    f"stepping the loaded optimizer changed the dict's {key!r}"
+                )
     # and the first optimizer's state is independent of the second's
     ours = opt.state_dict()
     for k, st in ours["state"].items():
@@ -501,7 +520,7 @@ def test_add_param_group(cls):
     opt.add_param_group({"params": params[2:], "lr": 2 * spec.lr})
     g = opt.param_groups[1]
     assert g["lr"] == 2 * spec.lr
-    for key, value in opt.defaults.items():
+    for key in opt.defaults:
         if key not in ("lr", "params"):
             assert key in g, f"default {key!r} not filled in"
     for p in params[2:]:

@@ -25,7 +25,12 @@ COMMON = [
 
 
 def ref_adabelief(p, grads, kw):
-    lr, (b1, b2), eps, wd = kw.get("lr", 1e-3), kw.get("betas", (0.9, 0.999)), kw.get("eps", 1e-16), kw.get("weight_decay", 0)
+    lr, (b1, b2), eps, wd = (
+        kw.get("lr", 1e-3),
+        kw.get("betas", (0.9, 0.999)),
+        kw.get("eps", 1e-16),
+        kw.get("weight_decay", 0),
+    )
     p = p.clone()
     m = torch.zeros_like(p)
     s = torch.zeros_like(p)
@@ -98,7 +103,12 @@ def ref_adabound(p, grads, kw):
 
 
 def ref_exadam(p, grads, kw):
-    lr, (b1, b2), eps, wd = kw.get("lr", 1e-3), kw.get("betas", (0.9, 0.999)), kw.get("eps", 1e-8), kw.get("weight_decay", 0)
+    lr, (b1, b2), eps, wd = (
+        kw.get("lr", 1e-3),
+        kw.get("betas", (0.9, 0.999)),
+        kw.get("eps", 1e-8),
+        kw.get("weight_decay", 0),
+    )
     dynamic = kw.get("dynamic_step_size", True)
     p = p.clone()
     m, v = torch.zeros_like(p), torch.zeros_like(p)
@@ -213,10 +223,16 @@ SPECS = [
     OptimSpec(
         lit_optim.AdaGrad,
         dtypes=LOW_PRECISION_TOO,
-        inputs=[{}, {"initial_accumulator_value": 0.1, "weight_decay": 0.01}, {"eps": 0.0, "initial_accumulator_value": 0.1}],
+        inputs=[
+            {},
+            {"initial_accumulator_value": 0.1, "weight_decay": 0.01},
+            {"eps": 0.0, "initial_accumulator_value": 0.1},
+        ],
         errors=COMMON
         + [
-            ErrorInput({"initial_accumulator_value": -1.0}, ValueError, r"initial_accumulator_value must be in \[0, inf\)"),
+            ErrorInput(
+                {"initial_accumulator_value": -1.0}, ValueError, r"initial_accumulator_value must be in \[0, inf\)"
+            ),
             ErrorInput({"eps": 0.0}, ValueError, r"eps must be in \(0, inf\) when initial_accumulator_value is 0"),
         ],
         reference=ref_adagrad,

@@ -50,7 +50,7 @@ def ref_sophia(p, grads, kw):
 
 
 def ref_adahessian(p, grads, kw):
-    lr, (b1, b2), eps = kw.get("lr", 0.15), kw.get("betas", (0.9, 0.999)), kw.get("eps", 1e-4)
+    lr, (b1, b2), eps = kw.get("lr", 0.03), kw.get("betas", (0.9, 0.999)), kw.get("eps", 1e-4)
     wd, k, block = kw.get("weight_decay", 0.0), kw.get("hessian_power", 1.0), kw.get("block_size", 1)
     p = p.clone()
     m = torch.zeros_like(p)
