@@ -109,6 +109,27 @@ class TensorListOps:
             return getattr(torch, "_foreach_" + name)
         return _LoopOp(name)
 
+    def mul_(self, xs: Sequence[Tensor], other: Any) -> None:
+        """``x *= other``. On CPU, ``torch._foreach_mul_(tensors, python_scalar)`` first rounds the
+        scalar to the tensors' dtype (for bfloat16 a factor 0.9975 becomes 0.99609375) while
+        ``Tensor.mul_`` multiplies in float32; half-precision lists therefore take the overload
+        with a 0-d float32 tensor, which rounds like ``Tensor.mul_``, so the multi-tensor and the
+        per-tensor paths give identical results in every dtype."""
+        if not self.foreach:
+            _LoopOp("mul_")(xs, other)
+            return
+        if isinstance(other, (int, float)) and not isinstance(other, bool) and xs:
+            half = [x for x in xs if x.dtype in (torch.bfloat16, torch.float16)]
+            if half:
+                rest = [x for x in xs if x.dtype not in (torch.bfloat16, torch.float16)]
+                if rest:
+                    torch._foreach_mul_(rest, other)
+                for idx in group_by_key(len(half), lambda i: half[i].device).values():
+                    hs = [half[i] for i in idx]
+                    torch._foreach_mul_(hs, torch.tensor(float(other), dtype=torch.float32, device=hs[0].device))
+                return
+        torch._foreach_mul_(xs, other)
+
 
 FOREACH_OPS = TensorListOps(True)
 LOOP_OPS = TensorListOps(False)
@@ -223,6 +244,9 @@ class LitOptimizer(torch.optim.Optimizer):
     #: the update depends on each parameter's matrix shape (orthogonalized, low-rank projections):
     #: parameters flattened by DeepSpeed ZeRO / FSDP1 are refused (see :meth:`_check_not_flattened`)
     needs_matrix_shapes: bool = False
+    #: float16 parameters are refused (the orthogonalized and memory-reduced families; the
+    #: elementwise family computes 16-bit updates in float32 instead)
+    refuses_float16: bool = False
 
     def __init__(
         self,
@@ -292,6 +316,15 @@ class LitOptimizer(torch.optim.Optimizer):
             param_group = self._normalize_group(dict(param_group))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if self.refuses_float16:
+            for pi, p in enumerate(group["params"]):
+                if p.dtype == torch.float16:
+                    raise TypeError(
+                        f"{type(self).__name__} does not support float16 parameters (parameter {pi} of param group "
+                        f"{len(self.param_groups) - 1}, shape {tuple(p.shape)}): its state and matrix arithmetic would "
+                        "overflow or underflow in float16. Use bfloat16 or float32 parameters (float16 mixed "
+                        "precision, as in Lightning's precision='16-mixed' or HF's fp16=True, keeps float32 weights)"
+                    )
         if any(p.ndim >= 2 for p in group["params"]):
             self.__dict__.setdefault("_group_had_matrix", {})[len(self.param_groups) - 1] = True
         _check_fused_foreach(group.get("fused"), group.get("foreach"), f" in param group {len(self.param_groups) - 1}")
@@ -581,7 +614,20 @@ class LitOptimizer(torch.optim.Optimizer):
         is wrong, before anything is loaded."""
         self._validate_state_dict(state_dict)
         sd = {k: v for k, v in state_dict.items() if k != self.STATE_DICT_CLASS_KEY}
+        given = {
+            _dtensor.local(v).data_ptr()
+            for st in state_dict["state"].values()
+            if isinstance(st, dict)
+            for v in st.values()
+            if isinstance(v, Tensor) and _dtensor.local(v).numel()
+        }
         super().load_state_dict(sd)
+        # torch keeps the given tensors when device and dtype already match: the optimizer would then
+        # share (and step) the caller's state dict, e.g. another optimizer's live state
+        for st in self.state.values():
+            for k, v in st.items():
+                if isinstance(v, Tensor) and _dtensor.local(v).numel() and _dtensor.local(v).data_ptr() in given:
+                    st[k] = v.clone()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.requires_grad:

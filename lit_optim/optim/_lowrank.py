@@ -202,6 +202,7 @@ class ProjectedOptimizer(LitOptimizer):
     """
 
     needs_matrix_shapes = True
+    refuses_float16 = True
 
     projections: tuple[str, ...] = PROJECTIONS
     #: the update is shard-aware (see :mod:`._lowrank_shard`)

@@ -203,23 +203,9 @@ def _state_dtype(p: Tensor) -> torch.dtype:
 
 
 def _mul_scalar_(ops: TensorListOps, xs: list[Tensor], scalar: float) -> None:
-    """``x *= scalar`` for every ``x`` in ``xs``, rounding like ``Tensor.mul_`` on both paths.
-
-    On CPU, torch's ``_foreach_mul_(tensors, scalar)`` first rounds a Python scalar to the tensors'
-    dtype (for bfloat16 a weight-decay factor 0.9975 becomes 0.99609375), while ``Tensor.mul_``
-    multiplies in float32; the overload with a 0-d float32 tensor multiplies like ``Tensor.mul_``.
-    So half-precision lists take that overload, and ``foreach=True`` and ``foreach=False`` give
-    identical results."""
-    half = (torch.bfloat16, torch.float16)
-    rest = [x for x in xs if x.dtype not in half] if ops.foreach else xs
-    if rest:
-        ops.mul_(rest, scalar)
-    if len(rest) == len(xs):
-        return
-    low = [x for x in xs if x.dtype in half]
-    for idx in group_by_key(len(low), lambda i: low[i].device).values():
-        dev = low[idx[0]].device
-        torch._foreach_mul_([low[i] for i in idx], torch.tensor(scalar, dtype=torch.float32, device=dev))
+    """``x *= scalar`` for every ``x`` in ``xs``, rounding like ``Tensor.mul_`` on both paths (see
+    :meth:`TensorListOps.mul_`, which takes the float32-scalar overload for half-precision lists)."""
+    ops.mul_(xs, scalar)
 
 
 #: keyword arguments every orthogonalized optimizer takes and hands unchanged to OrthogonalOptimizer
@@ -257,6 +243,7 @@ class OrthogonalOptimizer(LitOptimizer):
     """
 
     needs_matrix_shapes = True
+    refuses_float16 = True
 
     #: DTensor parameters are handled (see the module docstring for the supported placements)
     supports_dtensor = True

@@ -448,11 +448,11 @@ def _run_paths(cls, dtype):
     return results
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("cls", [lit_optim.AuON, lit_optim.SinkGD])
 def test_foreach_and_per_tensor_paths_are_bit_identical_without_newton_schulz(cls, dtype):
     """Issue 15 item 25: with weight decay on both parts, the linear-time optimizers end
-    bit-identical on both paths in every dtype (before, bf16/fp16 differed: torch's CPU
+    bit-identical on both paths in every dtype they accept (before, bf16 differed: torch's CPU
     _foreach_mul_ with a Python scalar rounds the scalar to bf16, Tensor.mul_ does not)."""
     for a, b in zip(*_run_paths(cls, dtype)):
         assert torch.equal(a, b), (cls.__name__, dtype, tuple(a.shape))

@@ -76,23 +76,7 @@ _ORTHOGONAL_AND_MEMORY_REDUCED = {
 }
 #: failures found by these tests whose fix belongs elsewhere (strict xfail: an XPASS after the fix
 #: fails the suite, so the marker is removed together with the bug): test -> (optimizers, reason)
-PENDING = {
-    "test_load_state_dict_does_not_alias_the_given_dict": (
-        _ALL - {"adagradnorm"},
-        (
-            "LitOptimizer.load_state_dict (optim/_base.py) keeps the given dict's tensors as the optimizer state when "
-            "device and dtype already match (torch.optim.Optimizer does too): stepping the loaded optimizer changes "
-            "the dict and the optimizer it came from"
-        ),
-    ),
-    "test_dtypes_finite_and_moving-float16": (
-        _ORTHOGONAL_AND_MEMORY_REDUCED,
-        (
-            "float16 parameters with 1e-4 gradients get non-finite weights (state and arithmetic in float16); the "
-            "elementwise family computes in float32 (optim/_precision.py)"
-        ),
-    ),
-}
+PENDING: dict = {}
 
 
 def _param(name, cls, test):
@@ -621,9 +605,19 @@ def test_dtypes_finite_and_moving(cls, dtype):
     _dtype_sweep(cls, dtype)
 
 
-@pytest.mark.parametrize("cls", _by_name("test_dtypes_finite_and_moving-float16"))
+@pytest.mark.parametrize(
+    "cls", [pytest.param(c, id=n) for n, c in REGISTERED if n not in _ORTHOGONAL_AND_MEMORY_REDUCED]
+)
 def test_dtypes_finite_and_moving_float16(cls):
     _dtype_sweep(cls, torch.float16)
+
+
+@pytest.mark.parametrize("cls", [pytest.param(c, id=n) for n, c in REGISTERED if n in _ORTHOGONAL_AND_MEMORY_REDUCED])
+def test_float16_refused_by_the_matrix_families(cls):
+    """The orthogonalized and memory-reduced families refuse float16 parameters (their state and
+    matrix arithmetic would overflow) with a message naming bfloat16 / float32 instead."""
+    with pytest.raises(TypeError, match="does not support float16 parameters.*bfloat16"):
+        _make(cls, _params(torch.float16), lr=1e-2)
 
 
 def _dtype_sweep(cls, dtype):
