@@ -87,3 +87,67 @@ def numel(shapes) -> int:
             k *= x
         n += k
     return n
+
+
+def device_name(device) -> str:
+    """A human-readable name of the machine the benchmark ran on."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def step_traffic_bytes(params, optimizer) -> int:
+    """Bytes an elementwise optimizer step must move at least: every parameter read and written,
+    every gradient read, every state tensor of more than one element read and written (scalars
+    such as step counters are left out). Dividing by the step time gives the achieved bandwidth."""
+    p_bytes = sum(p.numel() * p.element_size() for p in params)
+    g_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    s_bytes = 0
+    for st in optimizer.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor) and v.numel() > 1:
+                s_bytes += v.numel() * v.element_size()
+    return 2 * p_bytes + g_bytes + 2 * s_bytes
+
+
+class RestoreGrads:
+    """heavyball consumes ``.grad`` in its step (sets it to None); put the fixed gradients back
+    before every step so that each timed step does the full work."""
+
+    def __init__(self, opt, params):
+        self.opt, self.params = opt, params
+        self.grads = [p.grad for p in params]
+        self.state = getattr(opt, "state", {})
+
+    def step(self):
+        for p, g in zip(self.params, self.grads):
+            p.grad = g
+        self.opt.step()
+
+
+def timed_first_steps(step: Callable[[], None], n: int = 2, device="cpu") -> float:
+    """Wall seconds of the first ``n`` calls (compilation included, for compiled steps)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out) + "\n"

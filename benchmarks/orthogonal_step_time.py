@@ -14,6 +14,11 @@ next to it, timed together). torch.optim.Muon, pytorch_optimizer and heavyball i
 bfloat16, so the "bf16" rows of lit_optim are the like-for-like comparison; the "fp32" rows
 show lit_optim's default (the parameter's precision). Gradients are fixed random tensors: only
 the optimizer step is timed.
+
+"NS compiled" rows run the Newton-Schulz iteration compiled with torch.compile
+(``lit_optim.optim._compiled.compiled_newton_schulz``); "heavyball Muon (compile_step)" compiles
+heavyball's whole step (its default compiles the elementwise parts only). ``first s`` is the wall
+time of the first step (compilation included).
 """
 
 from __future__ import annotations
@@ -29,9 +34,18 @@ import torch
 import torch.distributed as dist
 
 import lit_optim
-from lit_optim.optim import optimizer_state_bytes
+from lit_optim.optim import _compiled, optimizer_state_bytes
 
-from .common import gpt_shapes, make_params, numel, steady_malloc, time_interleaved
+from .common import (
+    device_name,
+    gpt_shapes,
+    make_params,
+    markdown_table,
+    numel,
+    steady_malloc,
+    time_interleaved,
+    timed_first_steps,
+)
 
 
 def split(params):
@@ -57,6 +71,17 @@ class Pair:
         self.b.step()
 
 
+class CompiledNS:
+    """Steps ``opt`` with the compiled Newton-Schulz iteration."""
+
+    def __init__(self, opt, device):
+        self.opt, self.device = opt, device
+
+    def step(self):
+        with _compiled.compiled_newton_schulz(self.device, force=True):
+            self.opt.step()
+
+
 class RestoreGrads:
     """heavyball consumes ``.grad`` in its step (sets it to None); put the fixed gradients back
     before every step so that each timed step does the full work."""
@@ -75,11 +100,12 @@ def build(kind, params, device):
     """An object with .step() for candidate ``kind``, or None when the library is missing."""
     hidden, rest = split(params)
     if kind.startswith("lit:"):
-        _, name, prec = kind.split(":")
+        _, name, prec, *mode = kind.split(":")
         kw = {}
         if prec == "bf16" and name not in ("auon", "sinkgd"):
             kw["ns_dtype"] = "bfloat16"
-        return lit_optim.get_optimizer_info(name).cls(groups(params), **kw)
+        opt = lit_optim.get_optimizer_info(name).cls(groups(params), **kw)
+        return CompiledNS(opt, device) if mode == ["nsc"] else opt
     if kind == "torch:muon":
         muon = torch.optim.Muon(hidden, lr=0.02, weight_decay=0.0, ns_steps=5)
         return Pair(muon, torch.optim.AdamW(rest, lr=3e-4, foreach=True))
@@ -101,6 +127,13 @@ def build(kind, params, device):
             return None
         muon = hb.Muon(hidden, lr=0.02, compile_step=False)
         return RestoreGrads(Pair(muon, torch.optim.AdamW(rest, lr=3e-4, foreach=True)), hidden)
+    if kind == "heavyball:muon-compiled":
+        try:
+            hb = importlib.import_module("heavyball")
+        except ImportError:
+            return None
+        muon = hb.Muon(hidden, lr=0.02, compile_step=True)
+        return RestoreGrads(Pair(muon, torch.optim.AdamW(rest, lr=3e-4, fused=True)), hidden)
     raise ValueError(kind)
 
 
@@ -108,10 +141,14 @@ ROWS = [
     # (label, candidate, peer it is compared with)
     ("torch.optim.Muon (bf16 NS)", "torch:muon", None),
     ("lit Muon bf16", "lit:muon:bf16", "torch:muon"),
+    ("lit Muon bf16 NS compiled", "lit:muon:bf16:nsc", "torch:muon"),
     ("lit Muon fp32", "lit:muon:fp32", None),
     ("pytorch_optimizer Muon", "po:Muon", None),
     ("lit Muon bf16 vs po", "lit:muon:bf16", "po:Muon"),
     ("heavyball Muon", "heavyball:muon", None),
+    ("lit Muon bf16 vs heavyball", "lit:muon:bf16", "heavyball:muon"),
+    ("heavyball Muon (compile_step)", "heavyball:muon-compiled", None),
+    ("lit Muon bf16 NS compiled vs hb", "lit:muon:bf16:nsc", "heavyball:muon-compiled"),
     ("lit NorMuon bf16", "lit:normuon:bf16", "po:NorMuon"),
     ("lit NorMuon fp32", "lit:normuon:fp32", None),
     ("lit AdaGO bf16", "lit:adago:bf16", "po:AdaGO"),
@@ -146,7 +183,7 @@ def state_report(shapes, device):
 
 
 def run_table(args) -> None:
-    shapes = gpt_shapes(layers=args.layers)
+    shapes = gpt_shapes(d=args.width, layers=args.layers)
     device = args.device
     print(
         f"# {numel(shapes) / 1e6:.1f}M parameters in {len(shapes)} tensors (hidden matrices: "
@@ -155,28 +192,51 @@ def run_table(args) -> None:
     )
     base = torch.optim.AdamW(make_params(shapes, device=device), lr=1e-3, foreach=True)
     print(
-        f"{'optimizer':<30} {'ms/step':>9} {'/AdamW':>7}   {'peer':<26} {'ms/step':>9} {'/AdamW':>7} {'ours/peer':>9}"
+        f"{'optimizer':<32} {'ms/step':>9} {'/AdamW':>7} {'first s':>8}   {'peer':<24} {'ms/step':>9} {'/AdamW':>7} "
+        f"{'ours/peer':>9}"
     )
+    header = ["optimizer", "ms/step", "/AdamW", "first step s", "peer", "peer ms/step", "peer /AdamW", "ours/peer"]
+    rows = []
     only = [s for s in args.only.split(",") if s]
+    skip = set() if (device != "cpu" or args.heavyball_compile_step) else {"heavyball:muon-compiled"}
     for label, cand, peer in ROWS:
         if only and not any(o in cand or o in label.lower() for o in only):
             continue
+        if cand in skip or peer in skip:
+            continue
+        kinds = (cand, peer or "")
+        if args.no_heavyball and any(k.startswith("heavyball") for k in kinds):
+            continue
+        if args.no_compiled and any(k.endswith(":nsc") for k in kinds):
+            continue
         c = build(cand, make_params(shapes, device=device), device)
         if c is None:
-            print(f"{label:<30} not installed")
+            print(f"{label:<32} not installed")
             continue
+        first = timed_first_steps(c.step, 1, device)
         steps = {"base": base.step, "cand": c.step}
         p = None
         if peer is not None:
             p = build(peer, make_params(shapes, device=device), device)
             if p is not None:
+                timed_first_steps(p.step, 1, device)
                 steps["peer"] = p.step
         t = time_interleaved(steps, reps=args.reps, warmup=1, device=device)
-        line = f"{label:<30} {t['cand'] * 1e3:9.1f} {t['cand'] / t['base']:7.2f}"
+        line = f"{label:<32} {t['cand'] * 1e3:9.1f} {t['cand'] / t['base']:7.2f} {first:8.1f}"
+        r = [label, f"{t['cand'] * 1e3:.1f}", f"{t['cand'] / t['base']:.2f}", f"{first:.1f}"]
         if p is not None:
-            line += f"   {peer:<26} {t['peer'] * 1e3:9.1f} {t['peer'] / t['base']:7.2f} {t['cand'] / t['peer']:9.2f}"
+            line += f"   {peer:<24} {t['peer'] * 1e3:9.1f} {t['peer'] / t['base']:7.2f} {t['cand'] / t['peer']:9.2f}"
+            r += [peer, f"{t['peer'] * 1e3:.1f}", f"{t['peer'] / t['base']:.2f}", f"{t['cand'] / t['peer']:.2f}"]
+        else:
+            r += ["-", "-", "-", "-"]
+        rows.append(r)
         print(line, flush=True)
         del c, p
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write(f"\n### Orthogonalized family: step time ({device_name(device)})\n\n")
+            f.write(f"{numel(shapes) / 1e6:.1f}M parameters, torch {torch.__version__}, median of {args.reps} steps\n\n")
+            f.write(markdown_table(header, rows))
     if not args.no_state:
         state_report(shapes, device)
 
@@ -245,11 +305,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--layers", type=int, default=8, help="transformer layers (8: ~29.5M parameters)")
+    ap.add_argument("--width", type=int, default=512, help="model width d (default 512)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", default="", help="comma-separated substrings of the rows to run")
     ap.add_argument("--no-state", action="store_true", help="skip the state-memory table")
     ap.add_argument("--ranks", type=int, default=0, help="measure the DDP speed-up with this many CPU processes")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--markdown", default="", help="also append the table, in Markdown, to this file")
+    ap.add_argument("--no-heavyball", action="store_true", help="leave out the rows with heavyball")
+    ap.add_argument("--no-compiled", action="store_true", help="leave out the compiled Newton-Schulz rows")
+    ap.add_argument("--heavyball-compile-step", action="store_true",
+                    help="on CPU too, time heavyball's compile_step=True Muon (slow to compile on a CPU)")
     args = ap.parse_args(argv)
     steady_malloc()
     if args.threads:

@@ -36,7 +36,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from statistics import median
+from statistics import median, quantiles
 from typing import Any
 
 __all__ = [
@@ -89,6 +89,14 @@ def quiet() -> None:
         warnings.filterwarnings("ignore", message=pattern)
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"lightning.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"lightning.*")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "Loading weights" bars from transformers
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        with contextlib.suppress(Exception):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
     try:
         from lightning.fabric.utilities.warnings import PossibleUserWarning
 
@@ -282,6 +290,9 @@ def build_problem(problem: Problem, *, seed: int, steps: int, attention: str = "
             desc["data"] = "the module's own dataloaders"
         return Built(module, dm, desc)
     if problem.kind == "hf":
+        import transformers  # noqa: F401 - imported before quiet() silences its progress bars
+
+        quiet()
         model, train, val, desc = hf_causal_lm_task(
             problem.hf_model,
             _read_text(problem.dataset),
@@ -904,6 +915,15 @@ def _loss_of(module: Any, batch: Any):
     return out["loss"] if isinstance(out, dict) else out
 
 
+def _iqr(xs: list[float]) -> float:
+    """Interquartile range relative to the median (0 for fewer than 2 values)."""
+    if len(xs) < 2:
+        return 0.0
+    q1, _, q3 = quantiles(xs, n=4, method="inclusive")
+    m = median(xs)
+    return (q3 - q1) / m if m > 0 else math.nan
+
+
 def _spread(xs: list[float]) -> float:
     m = median(xs)
     return (max(xs) - min(xs)) / m if m > 0 else math.nan
@@ -931,6 +951,18 @@ def measure_step_times(
     device = torch.device("cuda" if s.device == "cuda" else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     quiet()
+    threads_before = torch.get_num_threads()
+    if s.threads:  # time with the thread count the runs trained with (one per worker on a small machine)
+        torch.set_num_threads(s.threads)
+    try:
+        return _measure(problem, s, entries, log, baseline, device, sync)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _measure(problem, s, entries, log, baseline, device, sync) -> dict[str, Any]:
+    import torch
+
     items = []
     batches = None
     for spec, lr in entries:
@@ -1021,7 +1053,7 @@ def measure_step_times(
                 steps(it, record=True)
     out: dict[str, Any] = {
         "method": (f"{s.timing_reps} rounds x {s.timing_steps} training steps per optimizer in one process on "
-                   f"{device.type} ({torch.get_num_threads()} threads), interleaved (order rotated each round), after "
+                   f"{device.type} ({torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}), interleaved (order rotated each round), after "
                    "a warm-up round; median over rounds, spread = (max - min) / median"),
         "reps": s.timing_reps,
         "steps_per_rep": s.timing_steps,
@@ -1055,7 +1087,8 @@ def measure_step_times(
             r_step = [a / b for a, b in zip(it["step"], base["step"]) if b > 0]
             r_whole = [a / b for a, b in zip(whole, bwhole) if b > 0]
             row.update(step_ratio=median(r_step), step_ratio_min=min(r_step), step_ratio_max=max(r_step),
-                       whole_ratio=median(r_whole), whole_ratio_min=min(r_whole), whole_ratio_max=max(r_whole))
+                       whole_ratio=median(r_whole), whole_ratio_min=min(r_whole), whole_ratio_max=max(r_whole),
+                       step_ratio_iqr=_iqr(r_step), whole_ratio_iqr=_iqr(r_whole))
         out["optimizers"][name] = row
     for it in items:  # free the copies
         it.clear()

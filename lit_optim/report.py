@@ -22,8 +22,9 @@ from .compare_protocol import final_loss, steps_to_reach
 
 __all__ = ["OptStats", "aggregate", "load_results", "recommendation", "verdicts", "write_report"]
 
-#: a timing spread (max - min over rounds, relative to the median) above this is called large
-LARGE_SPREAD = 0.2
+#: a time ratio whose interquartile range over the timing rounds exceeds this fraction of its median
+#: is called too spread to trust
+LARGE_SPREAD = 0.1
 
 
 @dataclass
@@ -189,6 +190,30 @@ def _reach_phrase(s: OptStats) -> str:
             f"({steps:.0f} vs {base_steps:.0f}, mean) {where}")
 
 
+def _cost_differences(group: list[OptStats], base: OptStats) -> list[str]:
+    """What the numbers say about cost inside a tied group: a memory difference only when the
+    smallest state is at least 10% below every other; a time difference only when the fastest
+    step's min-max range over timing rounds lies below every other's."""
+    bits = []
+    mems = [s for s in group if _finite(s.bytes_per_param)]
+    if len(mems) == len(group) and _finite(base.bytes_per_param) and base.bytes_per_param > 0:
+        least = min(mems, key=lambda s: s.bytes_per_param)
+        rel = [_pct(s.bytes_per_param / base.bytes_per_param) for s in sorted(mems, key=lambda s: s.bytes_per_param)]
+        if all(least.bytes_per_param < 0.9 * s.bytes_per_param for s in mems if s is not least):
+            bits.append(f"{least.name} holds the least optimizer state ({rel[0]} of AdamW's)")
+        else:
+            bits.append(f"their optimizer state is about the same ({rel[0]}-{rel[-1]} of AdamW's)" if rel[0] != rel[-1]
+                        else f"their optimizer state is the same ({rel[0]} of AdamW's)")
+    timed = [s for s in group if _finite((s.timing or {}).get("step_ratio"))]
+    if len(timed) == len(group) and len(timed) > 1:
+        fast = min(timed, key=lambda s: s.timing["step_ratio"])
+        if all(fast.timing["step_ratio_max"] < s.timing["step_ratio_min"] for s in timed if s is not fast):
+            bits.append(f"{fast.name} has the shortest optimizer step ({fast.timing['step_ratio']:.2f}x AdamW's)")
+        else:
+            bits.append("their optimizer-step times overlap over the timing rounds")
+    return bits
+
+
 def recommendation(stats: list[OptStats], metric: str = "val", baseline: str = "adamw", task: str = "this task") -> list[str]:
     """The recommendation, as Markdown paragraphs, written only from the numbers: a winner only
     when its mean ± std interval over seeds overlaps no other optimizer's; a tie otherwise."""
@@ -247,17 +272,14 @@ def recommendation(stats: list[OptStats], metric: str = "val", baseline: str = "
                         f"{what} loss, mean ± std over seeds: {values}; the spreads overlap)")
                 text += f" and below AdamW's {_pm(base)}." if base and all(v[s.name] == "better" for s in group) else "."
                 if base:
-                    mem = min(group, key=lambda s: s.bytes_per_param if _finite(s.bytes_per_param) else math.inf)
-                    timed = [s for s in group if _finite((s.timing or {}).get("step_ratio"))]
-                    bits = []
-                    if _finite(mem.bytes_per_param):
-                        bits.append(f"{mem.name} holds the least optimizer state "
-                                    f"({_pct(mem.bytes_per_param / base.bytes_per_param)} of AdamW's)")
-                    if timed:
-                        fast = min(timed, key=lambda s: s.timing["step_ratio"])
-                        bits.append(f"{fast.name} has the shortest optimizer step ({fast.timing['step_ratio']:.2f}x AdamW's)")
-                    if bits:
+                    bits = _cost_differences(group, base)
+                    names_in = [b for b in bits if any(b.startswith(x.name + " ") for x in group)]
+                    if names_in:
                         text += " Between them, pick on cost: " + "; ".join(bits) + "."
+                    elif bits:
+                        text += " Cost does not separate them either: " + "; ".join(bits) + "."
+                        if all(v[s.name] == "better" for s in group):
+                            text += " Either is a sound choice."
                 paras.append(text)
     if base is not None and len(stats) > 1:
         lines = []
@@ -399,21 +421,27 @@ def _caveats(results: dict[str, Any], stats: list[OptStats], metric: str) -> lis
                    "training loss.")
     timing = results.get("timing") or {}
     if timing.get("optimizers"):
-        worst = 0.0
+        worst, worst_iqr = 0.0, 0.0
         for t in timing["optimizers"].values():
             if t.get("error"):
                 continue
             for key in ("step_ratio", "whole_ratio"):
                 if _finite(t.get(key)) and t[key] > 0:
                     worst = max(worst, (t[key + "_max"] - t[key + "_min"]) / t[key])
+                    iqr = t.get(key + "_iqr")
+                    worst_iqr = max(worst_iqr, iqr if _finite(iqr) else (t[key + "_max"] - t[key + "_min"]) / t[key])
         load = timing.get("loadavg_before")
         cores = results.get("meta", {}).get("cpu cores")
-        if worst > LARGE_SPREAD:
+        where = (f" (1-minute load average {load[0]:.1f} on {cores} cores when timing started)" if load and cores else "")
+        if worst_iqr > LARGE_SPREAD:
             out.append(
-                f"**Timing spread is large**: a time ratio varied by up to {_pct(worst)} between rounds"
-                + (f" (load average {load[0]:.1f} on {cores} cores)" if load and cores else "")
-                + ". The machine was busy; treat the time ratios as rough and re-run on an idle machine."
+                f"**Timing spread is large**: the middle half of the rounds' time ratios spans up to {_pct(worst_iqr)} "
+                f"of the median{where}. The machine was busy; treat the time ratios as rough and re-run on an idle "
+                "machine."
             )
+        else:
+            out.append(f"Time ratios: the middle half of the rounds lies within {_pct(worst_iqr)} of the median "
+                       f"(full min-max range up to {_pct(worst)}){where}.")
     elif timing.get("error"):
         out.append(f"Step times could not be measured: {timing['error']}.")
     return out
@@ -493,8 +521,11 @@ def plot_losses(results: dict[str, Any], stats: list[OptStats], path: str) -> bo
 
 
 def plot_sweeps(results: dict[str, Any], stats: list[OptStats], path: str) -> bool:
+    """One panel per swept optimizer: final loss against lr for each round of the sweep (short runs
+    dashed, full-length runs solid), the chosen lr starred."""
+    styles = dict(zip([st.name for st in stats], _plot_styles(len(stats))))
     swept = [(st, _trials(results.get("lr", {}).get(st.name, {}))) for st in stats]
-    swept = [(st, t) for st, t in swept if t]
+    swept = [(st, t) for st, t in swept if any(_finite(x["score"]) for x in t)]
     if not swept:
         return False
     try:
@@ -504,37 +535,44 @@ def plot_sweeps(results: dict[str, Any], stats: list[OptStats], path: str) -> bo
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover
         return False
-    fig, ax = plt.subplots(figsize=(9, 5))
-    styles = dict(zip([st.name for st in stats], _plot_styles(len(stats))))
-    finite = []
-    for st, trials in swept:
+    n = len(swept)
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), squeeze=False, sharey=True)
+    finite = [x["score"] for _, t in swept for x in t if _finite(x["score"])]
+    srt = sorted(finite)
+    lo, hi = srt[0], srt[min(len(srt) - 1, int(0.8 * (len(srt) - 1)) + 1)]
+    for ax, (st, trials) in zip(axes.flat, swept):
         sty = styles[st.name]
-        for rung in sorted({t["rung"] for t in trials}):
+        rungs = sorted({t["rung"] for t in trials})
+        for rung in rungs:
             pts = sorted((t["lr"], t["score"]) for t in trials if t["rung"] == rung and _finite(t["score"]))
             if not pts:
                 continue
-            finite += [y for _, y in pts]
+            steps = next(t["steps"] for t in trials if t["rung"] == rung)
+            last = rung == rungs[-1] and len(rungs) > 1
             ax.plot([x for x, _ in pts], [y for _, y in pts], color=sty["color"], marker=sty["marker"],
-                    linestyle=sty["linestyle"] if rung == 0 else "none", ms=5 if rung == 0 else 9,
-                    mfc=sty["color"] if rung == 0 else "none", mew=1.5, lw=1.3,
-                    label=f"{st.name} ({next(t['steps'] for t in trials if t['rung'] == rung)} steps)")
-        if _finite(st.lr):
-            final = [t for t in trials if t["lr"] == st.lr and _finite(t["score"])]
-            if final:
-                best = max(final, key=lambda t: t["rung"])
-                ax.plot([st.lr], [best["score"]], marker="*", ms=16, color=sty["color"], mec="black", linestyle="none")
-    if not finite:
-        plt.close(fig)
-        return False
-    ax.set_xscale("log")
-    ax.set(xlabel="learning rate", ylabel="final loss of the trial (tuning seed)",
-           title="learning-rate sweep: successive halving (small markers: short runs, rings: full length, star: chosen)")
-    ax.title.set_fontsize(9)
-    if finite:
-        srt = sorted(finite)
-        ax.set_ylim(srt[0] - 0.05 * abs(srt[0]), min(srt[-1], srt[0] * 2.0) + 0.05 * abs(srt[0]))
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
+                    linestyle="-" if last else "--", lw=1.8 if last else 1.0, ms=6 if last else 4,
+                    alpha=1.0 if last else 0.6, label=f"{steps} steps")
+            failed = [t["lr"] for t in trials if t["rung"] == rung and not _finite(t["score"])]
+            for x in failed:
+                ax.axvline(x, color=sty["color"], ls=":", lw=1)
+        chosen = [t for t in trials if _finite(st.lr) and t["lr"] == st.lr and _finite(t["score"])]
+        if chosen:
+            best = max(chosen, key=lambda t: t["rung"])
+            ax.plot([st.lr], [best["score"]], marker="*", ms=15, color=sty["color"], mec="black", linestyle="none")
+        ax.set_xscale("log")
+        ax.set_title(f"{st.name}: lr {_lr_text(st.lr)} ({st.lr_source})", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes[0][0].set_ylim(lo - 0.05 * abs(hi - lo) - 1e-3, hi + 0.1 * abs(hi - lo) + 1e-3)
+    for r in range(rows):
+        axes[r][0].set_ylabel("final loss (tuning seed)", fontsize=8)
+    fig.suptitle("learning-rate sweep (successive halving): short runs dashed, full length solid, chosen lr starred",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -620,7 +658,7 @@ def build_blocks(results: dict[str, Any], run_dir: str | None = None) -> tuple[l
     s = results.get("settings", {})
     label = meta.get("label", results.get("problem", {}).get("task", "task"))
     blocks: list[tuple] = [("h1", f"lit-optim compare: {label}")]
-    facts = [f"**{k}**: {v}" for k, v in meta.items() if k not in ("label", "command") and v not in (None, "")]
+    facts = [f"**{k}**: {v}" for k, v in meta.items() if k not in ("label", "command", "cpu cores") and v not in (None, "")]
     seeds = s.get("seeds", [])
     facts.insert(0, f"**protocol**: {s.get('steps')} steps, seeds {', '.join(map(str, seeds))}, {s.get('scheduler')} schedule "
                     f"with {_pct(s.get('warmup_fraction', 0))} warm-up, each optimizer at its own lr (below)")

@@ -18,6 +18,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.path.join(ROOT, "lit_optim", "_tuned_lrs.py")
 
 
+def _g(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir")
@@ -34,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, plan in res["lr"].items():
         if plan.get("source") != "sweep" or (only and name not in only):
             continue
-        lrs[name] = plan["lr"]
-        trials[name] = [[t["lr"], t["steps"], t["rung"], t["score"] if math.isfinite(t["score"]) else None]
+        lrs[name] = _g(plan["lr"])
+        trials[name] = [[_g(t["lr"]), t["steps"], t["rung"], round(t["score"], 5) if math.isfinite(t["score"]) else None]
                         for t in plan.get("trials", [])]
     if not lrs:
         print("no swept learning rates in this run", file=sys.stderr)

@@ -134,19 +134,19 @@ def test_successive_halving_picks_the_interior_minimum():
     s = cp.Settings(steps=100, seeds=[0, 1, 2])
     plan = {"source": "sweep", "lr": None, "base_lr": 1e-3}
     waves = _drive(plan, s, lambda lr, steps: (math.log10(lr) - math.log10(3e-3)) ** 2 + 100 / steps)
-    assert [len(w) for w in waves] == [5, 2, 3]  # 5 short runs, the best 2 at full length, 3 seeds
+    assert [len(w) for w in waves] == [5, 3, 3]  # 5 short runs, the best 3 at full length, 3 seeds
     assert {r.steps for r in waves[0]} == {25} and all(r.seed == 1000 and r.phase == "tune" for r in waves[0])
-    assert sorted(r.lr for r in waves[1]) == pytest.approx([1e-3, 3e-3]) and {r.steps for r in waves[1]} == {100}
+    assert sorted(r.lr for r in waves[1]) == pytest.approx([1e-3, 3e-3, 1e-2]) and {r.steps for r in waves[1]} == {100}
     assert plan["lr"] == pytest.approx(3e-3) and "note" not in plan
     assert [(r.seed, r.phase, r.lr) for r in waves[2]] == [(0, "eval", plan["lr"]), (1, "eval", plan["lr"]), (2, "eval", plan["lr"])]
-    assert plan["runs_tuning"] == 7 and plan["tuning_steps"] == 5 * 25 + 2 * 100
+    assert plan["runs_tuning"] == 8 and plan["tuning_steps"] == 5 * 25 + 3 * 100
 
 
 def test_sweep_extends_beyond_an_edge_winner_and_says_so():
     s = cp.Settings(steps=100, seeds=[0], tune_extend=2)
     plan = {"source": "sweep", "lr": None, "base_lr": 1e-3}
     waves = _drive(plan, s, lambda lr, steps: -math.log10(lr))  # larger is always better
-    assert [len(w) for w in waves] == [5, 1, 1, 2, 1]
+    assert [len(w) for w in waves] == [5, 1, 1, 3, 1]
     assert waves[1][0].lr == pytest.approx(3e-2, rel=0.01) and waves[2][0].lr == pytest.approx(9e-2, rel=0.01)
     assert plan["lr"] == pytest.approx(9e-2, rel=0.01) and "edge" in plan["note"]
 

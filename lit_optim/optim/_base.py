@@ -781,4 +781,5 @@ def apply_weight_decay(
     return ops.add(grads, params, alpha=weight_decay)
 
 
-from . import _compiled  # noqa: E402  (imports FOREACH_OPS from this module)
+# last: _compiled imports FOREACH_OPS from this module
+from . import _compiled

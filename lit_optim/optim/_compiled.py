@@ -21,10 +21,15 @@ How a changing learning rate avoids recompilation
 
 One compiled function per update rule
     Each ``(optimizer class, method)`` gets its own compiled function (a distinct code object, so
-    that its recompile budget is its own), shared by every instance and parameter group. A new
-    graph is compiled per bucket *structure* (number of tensors, dtype, device, which
-    hyperparameter branches are taken); shapes are symbolic. :func:`compile_report` lists the
-    graphs compiled and the seconds spent compiling, per optimizer.
+    that its recompile budget is its own), shared by every instance and parameter group: the update
+    runs on a stand-in object of the class rather than on the optimizer, since torch.compile guards
+    on the identity of the objects a graph reads. On CPU every tensor is flattened to 1-D and a
+    bucket is cut into lists of :data:`CHUNK_BY_DEVICE` ``["cpu"]`` tensors, so that one graph with
+    symbolic sizes serves every list of every bucket (a graph over a whole 100-tensor bucket took
+    minutes to compile there); on CUDA a bucket is one graph. A new graph is compiled only for a
+    new structure (dtype, device, list length, which hyperparameter branches are taken).
+    :func:`compile_report` lists the graphs compiled and the seconds spent compiling, per
+    optimizer. A class that needs more than :data:`RECOMPILE_LIMIT` graphs falls back (below).
 
 What stays outside the compiled function
     The non-finite check (before anything is written), state creation and the step counter,
@@ -48,12 +53,15 @@ import types
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from ._base import FOREACH_OPS, TensorListOps
+from ._base import FOREACH_OPS
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = [
     "FusedFallbackWarning",
@@ -162,16 +170,23 @@ def _call(sink: list[Tensor], name: str, xs: list[Tensor], *args: Any, **kwargs:
     return _fe(name)(xs, *args, **kwargs)
 
 
-class FusedOps(TensorListOps):
-    """The :class:`TensorListOps` seen by ``_update`` inside the compiled function: the same
-    ``torch._foreach_*`` operations, with every scalar argument (``alpha=``, ``value=``, a lerp
-    weight, a clamp bound) passed as a 0-d tensor so that new values do not recompile. Only
-    meaningful inside ``torch.compile`` (eagerly it is correct but slower than the plain kernels)."""
+class FusedOps:
+    """The :class:`~lit_optim.optim._base.TensorListOps` interface seen by ``_update`` inside the
+    compiled function: the same ``torch._foreach_*`` operations, with every scalar argument
+    (``alpha=``, ``value=``, a lerp weight, a clamp bound, a factor) passed as a 0-d tensor so that
+    new values do not recompile. Only meaningful inside ``torch.compile`` (eagerly it is correct
+    but slower than the plain kernels).
+
+    Deliberately not a subclass of ``TensorListOps``: every operation, including any that class
+    implements as a method, must come through :func:`_call`. (``torch._foreach_mul_(xs, s)`` with
+    a traced float ``s`` has been seen to bake the first value of ``s`` into an Inductor graph
+    without a guard, torch 2.13.)"""
 
     __slots__ = ("sink",)
+    #: like ``TensorListOps(True)``: the multi-tensor path
+    foreach = True
 
     def __init__(self, sink: list[Tensor] | None = None) -> None:
-        super().__init__(True)
         #: the 0-d scalar tensors made so far (returned by the compiled function)
         self.sink = [] if sink is None else sink
 
@@ -190,14 +205,16 @@ class FusedOps(TensorListOps):
 
 _lock = threading.Lock()
 #: (optimizer class, method name, chunked, backend) -> compiled function
-_RUNNERS: dict[tuple[type, str, bool, str], Callable[..., Any]] = {}
+_RUNNERS: dict[tuple[Any, ...], Callable[..., Any]] = {}
 #: optimizer classes whose compilation failed in this process (they run the multi-tensor path)
 _BROKEN: dict[type, str] = {}
 #: per optimizer class name: graphs compiled, seconds of the calls that compiled, calls
 _STATS: dict[str, dict[str, float]] = {}
-#: compiled graphs allowed per update rule before torch.compile falls back to eager (torch's
-#: default of 8 is per function; one rule serves every group and instance of a class)
-RECOMPILE_LIMIT = 64
+#: graphs one update rule may compile (torch's default limit is 8 per function; one rule here
+#: serves every group, dtype and instance of a class). Past it the class falls back to the
+#: multi-tensor path with a FusedFallbackWarning: an update that recompiles at every step (a
+#: hyperparameter torch.compile cannot keep symbolic) then costs 16 compilations, not a run.
+RECOMPILE_LIMIT = 16
 #: torch.compile backend: "inductor" (the fused kernels); the tests also use "aot_eager", which
 #: traces and guards exactly alike but runs the traced operations one by one (no C++/Triton
 #: compilation)
@@ -220,12 +237,37 @@ def chunk_size(device: torch.device) -> int:
     return CHUNK_BY_DEVICE.get(device.type, 0)
 
 
+#: plain attribute values of an optimizer copied onto its stand-in before a compiled call
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _stand_in(cls: type) -> Any:
+    """One object per optimizer class that ``_update`` runs on inside the compiled function, in
+    place of the optimizer: torch.compile guards on the identity of the objects a graph reads, so
+    passing each optimizer would compile a graph per instance. It is an instance of a subclass of
+    the optimizer class made without running any constructor (so ``isinstance`` and ``super()``
+    work in ``_update``); :func:`_sync` copies the optimizer's plain instance attributes (numbers,
+    strings, flags: AdaHessian's ``_hessian_step``) onto it before each call."""
+    shell_cls = type(f"Fused{cls.__name__}", (cls,), {"__module__": __name__})
+    return object.__new__(shell_cls)
+
+
+def _sync(shell: Any, opt: Any) -> None:
+    d = shell.__dict__
+    for k, v in opt.__dict__.items():
+        if isinstance(v, _PLAIN) and d.get(k, _MISSING) is not v:
+            d[k] = v
+
+
+_MISSING = object()
+
+
 def _make_runner(cls: type, method: str, chunked: bool, backend: str) -> Callable[..., Any]:
-    def run(opt, hp, params, grads, state, step, maximize):
+    def run(shell, hp, params, grads, state, step, maximize):
         if maximize:
             grads = torch._foreach_neg(grads)
         scalars = []
-        getattr(opt, method)(hp, params, grads, state, step, FusedOps(scalars))
+        getattr(shell, method)(hp, params, grads, state, step, FusedOps(scalars))
         return scalars
 
     # a code object of its own: torch.compile keeps compiled graphs, and counts recompilations,
@@ -234,9 +276,17 @@ def _make_runner(cls: type, method: str, chunked: bool, backend: str) -> Callabl
     code = run.__code__.replace(co_name=name, co_qualname=name)
     fn = types.FunctionType(code, run.__globals__, name, run.__defaults__, run.__closure__)
     if backend != "inductor":
-        return torch.compile(fn, fullgraph=True, dynamic=True, backend=backend)
-    options = dict(CHUNKED_INDUCTOR_OPTIONS) if chunked else None
-    return torch.compile(fn, fullgraph=True, dynamic=True, options=options)
+        compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend=backend)
+    else:
+        options = dict(CHUNKED_INDUCTOR_OPTIONS) if chunked else None
+        compiled = torch.compile(fn, fullgraph=True, dynamic=True, options=options)
+    shell = _stand_in(cls)
+
+    def call(opt: Any, *args: Any) -> Any:
+        _sync(shell, opt)
+        return compiled(shell, *args)
+
+    return call
 
 
 #: Inductor options of the chunked (symbolic-size) graphs
@@ -256,6 +306,20 @@ def _runner(cls: type, method: str, chunked: bool) -> Callable[..., Any]:
 
 def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in group.items() if k != "params"}
+
+
+def _forget_float_specializations() -> None:
+    """torch 2.13 keeps the names of the traced floats it had to specialise (``TensorifyState``)
+    from one compilation to the next, and names are reused: after a graph for
+    ``weight_decay == 0`` (where the float is specialised to 0), every later compilation
+    specialised ``weight_decay`` too, recompiling for each new value. The set only matters within
+    one compilation's restarts, so it is emptied before each compiled call."""
+    try:
+        from torch._dynamo.symbolic_convert import TensorifyState
+    except ImportError:  # pragma: no cover - other torch versions
+        return
+    if not TensorifyState.empty():
+        TensorifyState.clear()
 
 
 def _graphs() -> int:
@@ -350,14 +414,15 @@ def fused_update(
         return
     k = chunk_size(params[0].device)
     parts = _chunks(params, grads, state, k) if k else [(params, grads, state)]
-    fn = _runner(cls, method, bool(k))
     hp = _hyperparameters(group)
+    fn = _runner(cls, method, bool(k))
     st = _STATS.setdefault(cls.__name__, {"graphs": 0, "compile_s": 0.0, "calls": 0})
     j = 0
     try:
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), _no_duck_shapes():
             for j, (ps, gs, ss) in enumerate(parts):
                 before = _graphs()
+                _forget_float_specializations()
                 t0 = time.perf_counter()
                 fn(opt, hp, ps, gs, ss, step, maximize)
                 st["calls"] += 1
@@ -461,7 +526,7 @@ class compiled_newton_schulz:
         self.force = force
         self._prev: Any = None
 
-    def __enter__(self) -> compiled_newton_schulz:
+    def __enter__(self) -> Self:
         ns = _ns_module()
 
         eager = ns.__dict__.get("_eager_iterate_owned", ns._iterate_owned)
@@ -476,7 +541,7 @@ class compiled_newton_schulz:
         ns._iterate_owned = fn
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         ns = _ns_module()
 
         ns._iterate_owned = self._prev

@@ -564,10 +564,9 @@ class ProjectedOptimizer(LitOptimizer):
         ops.addcdiv_(params, m, denom, -lr * bc2**0.5 / bc1)
 
     @staticmethod
-    def adam_lowrank(items: list[Item], group, step: int, ops: TensorListOps) -> float:
-        """Adam moments on the projected gradients ``it.low`` (local states ``exp_avg``/``exp_avg_sq``
-        of the low-rank shape); replaces ``it.low`` by ``m / (sqrt(v) + eps')`` and returns the scalar
-        ``sqrt(bc2) / bc1`` the update must be multiplied by."""
+    def update_lowrank_moments(items: list[Item], group, ops: TensorListOps) -> tuple[list[Tensor], list[Tensor]]:
+        """Adam's moment EMAs on the projected gradients ``it.low``; returns the local ``exp_avg`` and
+        ``exp_avg_sq`` lists."""
         beta1, beta2 = group["betas"]
         lows = [it.low for it in items]
         m = [it.local["exp_avg"] for it in items]
@@ -575,6 +574,16 @@ class ProjectedOptimizer(LitOptimizer):
         ops.lerp_(m, lows, 1.0 - beta1)
         ops.mul_(v, beta2)
         ops.addcmul_(v, lows, lows, 1.0 - beta2)
+        return m, v
+
+    @staticmethod
+    def adam_lowrank(items: list[Item], group, step: int, ops: TensorListOps) -> float:
+        """Adam moments on the projected gradients ``it.low`` (local states ``exp_avg``/``exp_avg_sq``
+        of the low-rank shape); replaces ``it.low`` by ``m / (sqrt(v) + eps')`` and returns the scalar
+        ``sqrt(bc2) / bc1`` the update must be multiplied by."""
+        beta1, beta2 = group["betas"]
+        lows = [it.low for it in items]
+        m, v = ProjectedOptimizer.update_lowrank_moments(items, group, ops)
         bc1 = 1.0 - beta1**step
         bc2 = 1.0 - beta2**step
         # reuse the projected-gradient buffers for the direction m / (sqrt(v) + eps * sqrt(bc2))

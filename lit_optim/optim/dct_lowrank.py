@@ -202,12 +202,7 @@ class DCTLowRank(ProjectedOptimizer):
         corrected like a fresh Adam's, one selected since the start like the global step's."""
         beta1, beta2 = group["betas"]
         eps = float(group["eps"])
-        lows = [it.low for it in items]
-        m = [it.local["exp_avg"] for it in items]
-        v = [it.local["exp_avg_sq"] for it in items]
-        ops.lerp_(m, lows, 1.0 - beta1)
-        ops.mul_(v, beta2)
-        ops.addcmul_(v, lows, lows, 1.0 - beta2)
+        m, v = self.update_lowrank_moments(items, group, ops)
         for it, mi, vi in zip(items, m, v):
             a = it.state["dir_step"].to(torch.float64)
             shape = (-1, 1) if it.side == "left" else (1, -1)

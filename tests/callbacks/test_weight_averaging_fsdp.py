@@ -19,17 +19,11 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lit_optim.callbacks import WeightAveragingCallback, extract_average
 
+from ..distributed._spawn import FSDP2_MARKS
 from ..helpers import StopAtEpoch, quiet_trainer
 from .test_weight_averaging_ddp import RankSliced, SaveAtTrainEnd, run_in_two_processes
 
-try:  # FSDP2's public entry point (torch >= 2.6)
-    from torch.distributed.fsdp import fully_shard  # noqa: F401
-
-    _HAS_FSDP2 = True
-except ImportError:
-    _HAS_FSDP2 = False
-
-pytestmark = [pytest.mark.ddp, pytest.mark.skipif(not _HAS_FSDP2, reason="needs torch.distributed.fsdp.fully_shard")]
+pytestmark = FSDP2_MARKS
 
 DECAYS = (0.8, 0.95)
 

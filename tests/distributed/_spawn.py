@@ -13,11 +13,22 @@ import os
 import traceback
 from typing import Any
 
+import pytest
 from torch import nn
 
 from ..callbacks.test_weight_averaging_ddp import run_in_two_processes
 
-__all__ = ["launch_once", "read_results", "run_in_two_processes", "shard", "write_result"]
+try:  # FSDP2's public entry point (torch >= 2.6)
+    from torch.distributed.fsdp import fully_shard  # noqa: F401
+
+    HAS_FSDP2 = True
+except ImportError:  # pragma: no cover
+    HAS_FSDP2 = False
+
+#: ``pytestmark`` of every FSDP2 test module: spawns 2 gloo processes; needs ``fully_shard``
+FSDP2_MARKS = [pytest.mark.ddp, pytest.mark.skipif(not HAS_FSDP2, reason="needs torch.distributed.fsdp.fully_shard")]
+
+__all__ = ["FSDP2_MARKS", "HAS_FSDP2", "launch_once", "read_results", "run_in_two_processes", "shard", "write_result"]
 
 
 def shard(model: nn.Module, mesh, reshard_after_forward: bool = True) -> nn.Module:

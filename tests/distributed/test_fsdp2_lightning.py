@@ -43,16 +43,9 @@ from lit_optim.callbacks import (
 
 from ..callbacks.test_weight_averaging_ddp import RankSliced, SaveAtTrainEnd
 from ..helpers import StopAtEpoch, TinyClassifier, classification_data, quiet_trainer
-from ._spawn import launch_once, read_results, shard, write_result
+from ._spawn import FSDP2_MARKS, launch_once, read_results, shard, write_result
 
-try:
-    from torch.distributed.fsdp import fully_shard  # noqa: F401
-
-    _HAS_FSDP2 = True
-except ImportError:
-    _HAS_FSDP2 = False
-
-pytestmark = [pytest.mark.ddp, pytest.mark.skipif(not _HAS_FSDP2, reason="needs torch.distributed.fsdp.fully_shard")]
+pytestmark = FSDP2_MARKS
 
 RESUME_NAMES = ("adamw", "adan", "muon", "normuon", "frugal", "sophia")
 N = 128  # examples; each rank reads every other one, 16 per micro-batch

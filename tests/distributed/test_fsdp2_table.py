@@ -98,28 +98,9 @@ def _make_opt(model, name):
 
 def _local_state_bytes(opt) -> int:
     """Bytes of the optimizer state held by this rank: DTensors count their local shard."""
-    from lit_optim.optim._dtensor import local
+    from lit_optim.optim import optimizer_state_bytes
 
-    seen, total = set(), 0
-
-    def visit(v):
-        nonlocal total
-        if isinstance(v, torch.Tensor):
-            v = local(v)
-            key = (v.untyped_storage().data_ptr(), v.untyped_storage().nbytes())
-            if key not in seen:
-                seen.add(key)
-                total += v.untyped_storage().nbytes()
-        elif isinstance(v, dict):
-            for x in v.values():
-                visit(x)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                visit(x)
-
-    for st in opt.state.values():
-        visit(st)
-    return total
+    return optimizer_state_bytes(opt)
 
 
 def _worker(out: str) -> None:

@@ -19,15 +19,9 @@ import torch
 from torch import nn
 
 from ..callbacks.test_weight_averaging_ddp import run_in_two_processes
+from ._spawn import FSDP2_MARKS
 
-try:  # FSDP2's public entry point (torch >= 2.6)
-    from torch.distributed.fsdp import fully_shard  # noqa: F401
-
-    _HAS_FSDP2 = True
-except ImportError:  # pragma: no cover
-    _HAS_FSDP2 = False
-
-pytestmark = [pytest.mark.ddp, pytest.mark.skipif(not _HAS_FSDP2, reason="needs torch.distributed.fsdp.fully_shard")]
+pytestmark = FSDP2_MARKS
 
 STEPS = 8
 GAP = 3  # refreshes at steps 1, 4 and 7

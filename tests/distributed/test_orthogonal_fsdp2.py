@@ -19,19 +19,13 @@ import socket
 import sys
 import time
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-try:  # FSDP2's public entry point (torch >= 2.6)
-    from torch.distributed.fsdp import fully_shard  # noqa: F401
+from ._spawn import FSDP2_MARKS
 
-    _HAS_FSDP2 = True
-except ImportError:  # pragma: no cover
-    _HAS_FSDP2 = False
-
-pytestmark = [pytest.mark.ddp, pytest.mark.skipif(not _HAS_FSDP2, reason="needs torch.distributed.fsdp.fully_shard")]
+pytestmark = FSDP2_MARKS
 
 STEPS = 8
 BATCH = 16
