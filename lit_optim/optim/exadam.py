@@ -118,7 +118,9 @@ class EXAdam(Float32Math, PositiveEps, LitOptimizer):
     @staticmethod
     def step_size_factor(step: int) -> float:
         r""":math:`\ln(\sqrt{2}\sqrt{t+1})`, the paper's growth of the step size at 1-based step ``t``."""
-        return 0.5 * math.log(2.0 * (step + 1))
+        # ln(x) written as ln(2) * log2(x): torch.compile keeps math.log2 of a traced step symbolic,
+        # while math.log would bake the step in and recompile the fused path at every step
+        return 0.5 * math.log(2.0) * math.log2(2.0 * (step + 1))
 
     def _update_math(self, group, params, grads, state, step, ops):
         beta1, beta2 = group["betas"]
