@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lit_optim
 from lit_optim.callbacks import HessianDiagCallback
 
-LRS = {"adamw": 3e-3, "sophia": 5e-4, "adahessian": 0.05}
+LRS = {"adamw": 3e-3, "sophia": 5e-4, "adahessian": 0.03}
 OPT_KWARGS: dict[str, dict] = {}
 
 
