@@ -300,7 +300,7 @@ def _problem_and_checks(args: argparse.Namespace):
         try:
             import transformers  # noqa: F401
         except ImportError:
-            raise CLIError("--hf-model needs transformers: pip install 'lit-optim[hf]'") from None
+            raise CLIError("--hf-model needs transformers: pip install -e '.[hf]' in the lit_optim clone (or pip install transformers peft accelerate)") from None
         from .tasks import hf_max_positions, hf_token_ids, load_hf_config
 
         try:
@@ -336,7 +336,7 @@ def _problem_and_checks(args: argparse.Namespace):
         try:
             import sklearn  # noqa: F401
         except ImportError:
-            raise CLIError("--task digits needs scikit-learn: pip install 'lit-optim[data]'") from None
+            raise CLIError("--task digits needs scikit-learn: pip install -e '.[data]' in the lit_optim clone (or pip install scikit-learn)") from None
     return Problem(kind="task", task=args.task, model_size=args.model_size, text_path=args.text,
                    batch_size=args.batch_size, val_metric=args.val_metric)
 

@@ -246,7 +246,7 @@ def digits_data(seed: int = 0, val_fraction: float = 0.2) -> tuple[TensorDataset
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - exercised only without scikit-learn
-        raise ImportError("the digits task needs scikit-learn: pip install 'lit-optim[data]'") from e
+        raise ImportError("the digits task needs scikit-learn: pip install -e '.[data]' in the lit_optim clone (or pip install scikit-learn)") from e
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(d.target, dtype=torch.long)
