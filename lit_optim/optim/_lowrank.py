@@ -57,7 +57,7 @@ from ._lowrank_shard import (
     reshard,
     sharded_zeros,
 )
-from ._precision import check_eps_positive
+from ._precision import PositiveEps
 
 __all__ = [
     "PROJECTIONS",
@@ -188,7 +188,7 @@ class Item:
         return (self.r, self.N) if self.side == "left" else (self.M, self.r)
 
 
-class ProjectedOptimizer(LitOptimizer):
+class ProjectedOptimizer(PositiveEps, LitOptimizer):
     """Base of the optimizers that keep their statistics in a per-matrix subspace.
 
     Group options read here: ``rank``, ``update_proj_gap``, ``projection``, ``seed``, ``project``
@@ -210,14 +210,10 @@ class ProjectedOptimizer(LitOptimizer):
 
     # -- hyperparameters ------------------------------------------------------------------------
 
-    #: what eps = 0 would divide (quoted when it is refused)
+    #: what eps = 0 would divide (quoted when it is refused, in the constructor and, through
+    #: :class:`PositiveEps`, in parameter-group dicts)
     EPS_WHY = "a direction or coordinate whose gradient has always been exactly zero would divide 0 by 0 (NaN)"
-
-    def _normalize_group(self, group: dict[str, Any]) -> dict[str, Any]:
-        group = super()._normalize_group(group)
-        if "eps" in group:
-            group["eps"] = check_eps_positive(group["eps"], self.EPS_WHY)
-        return group
+    eps_zero_reason = EPS_WHY
 
     # -- layout and subspaces --------------------------------------------------------------------
 
